@@ -1,0 +1,117 @@
+"""The client's byte check, run inside the lab's client namespace (`python -m ftlab.client`).
+
+The guest serves (lab/guest/init) an echo on port 7 and, on port 19, a stream whose n-th line is
+n in 11 zero-padded digits. StreamVerifier proves a received stream has no byte lost, duplicated
+or reordered; echo_check proves the echo returned exactly what was sent. Results are printed as
+one JSON object."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+
+STREAM_PORT = 19
+ECHO_PORT = 7
+LINE = 12  # bytes per stream line: 11 digits and a newline
+
+
+class StreamMismatch(Exception):
+    pass
+
+
+class StreamVerifier:
+    """Feed it the bytes of the stream in any chunking; it raises at the first wrong byte."""
+
+    def __init__(self) -> None:
+        self.offset = 0  # bytes verified so far
+        self._partial = b""
+
+    def feed(self, data: bytes) -> None:
+        buf = self._partial + data
+        start = self.offset - len(self._partial)  # stream offset of buf[0], a line start
+        whole = len(buf) - len(buf) % LINE
+        first = start // LINE
+        expected = b"".join(b"%011d\n" % n for n in range(first, first + whole // LINE))
+        if buf[:whole] != expected:
+            at = next(i for i in range(whole) if buf[i] != expected[i])
+            raise StreamMismatch(
+                f"stream byte {start + at}: got {buf[at : at + LINE]!r}, "
+                f"expected {expected[at : at + LINE]!r}"
+            )
+        tail = buf[whole:]
+        if tail != (b"%011d\n" % (first + whole // LINE))[: len(tail)]:
+            raise StreamMismatch(f"stream byte {start + whole}: got {tail!r}")
+        self._partial = tail
+        self.offset = start + len(buf)
+
+
+def connect(ip: str, port: int, deadline: float) -> socket.socket:
+    """Connect, retrying until the deadline (the guest may still be booting)."""
+    while True:
+        try:
+            return socket.create_connection((ip, port), timeout=5)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def stream_check(ip: str, nbytes: int, deadline: float) -> dict:
+    verifier = StreamVerifier()
+    t0 = time.monotonic()
+    with connect(ip, STREAM_PORT, deadline) as s:
+        while verifier.offset < nbytes:
+            data = s.recv(min(65536, nbytes - verifier.offset))
+            if not data:
+                raise StreamMismatch(f"connection closed after {verifier.offset} bytes")
+            verifier.feed(data)
+    elapsed = time.monotonic() - t0
+    return {"bytes": verifier.offset, "seconds": round(elapsed, 3)}
+
+
+def echo_check(ip: str, nbytes: int, deadline: float, chunk: int = 4096) -> dict:
+    sent = os.urandom(nbytes)
+    got = bytearray()
+    t0 = time.monotonic()
+    with connect(ip, ECHO_PORT, deadline) as s:
+        for i in range(0, nbytes, chunk):
+            s.sendall(sent[i : i + chunk])
+            want = min(i + chunk, nbytes)
+            while len(got) < want:
+                data = s.recv(want - len(got))
+                if not data:
+                    raise StreamMismatch(f"echo closed after {len(got)} bytes")
+                got += data
+    if bytes(got) != sent:
+        at = next(i for i in range(nbytes) if got[i] != sent[i])
+        raise StreamMismatch(f"echo byte {at} differs")
+    return {"bytes": nbytes, "seconds": round(time.monotonic() - t0, 3)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ftlab.client")
+    p.add_argument("ip")
+    p.add_argument("--stream-bytes", type=int, default=1 << 20)
+    p.add_argument("--echo-bytes", type=int, default=64 << 10)
+    p.add_argument("--timeout", type=float, default=120, help="seconds to wait for the guest")
+    args = p.parse_args(argv)
+    deadline = time.monotonic() + args.timeout
+    result: dict = {"ip": args.ip}
+    try:
+        result["stream"] = stream_check(args.ip, args.stream_bytes, deadline)
+        result["echo"] = echo_check(args.ip, args.echo_bytes, deadline)
+        result["ok"] = True
+    except (OSError, StreamMismatch) as e:
+        result["ok"] = False
+        result["error"] = f"{type(e).__name__}: {e}"
+    json.dump(result, sys.stdout)
+    print()
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Guest VMs on lab hosts (through each host's own libvirtd) and the client's byte check."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+from . import lab
+from . import topology as t
+from .proc import LabError, in_node
+
+GUEST_BUILD = Path(__file__).resolve().parents[1] / "guest" / "build"
+
+DOMAIN_XML = """<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>{memory}</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{image}/vmlinuz</kernel>
+    <initrd>{image}/initrd.img</initrd>
+    <cmdline>console=ttyS0 quiet ft.ip={ip}/24</cmdline>
+  </os>
+  <clock offset='utc'/>
+  <on_poweroff>destroy</on_poweroff>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <interface type='bridge'>
+      <source bridge='{bridge}'/>
+      <mac address='{mac}'/>
+      <model type='virtio'/>
+    </interface>
+    <serial type='file'><source path='{console}'/></serial>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"""
+
+
+def build_image() -> Path:
+    """The guest kernel + initramfs directory (built once, then cached)."""
+    proc = subprocess.run([str(GUEST_BUILD)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise LabError(f"building the guest image failed: {proc.stderr.strip()}")
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+def domain_xml(name: str, host: t.Host, index: int, memory_mib: int = 256) -> str:
+    return DOMAIN_XML.format(
+        name=escape(name),
+        memory=memory_mib,
+        image=build_image(),
+        ip=t.guest_ip(index),
+        bridge=t.VM_BRIDGE,
+        mac=t.guest_mac(index),
+        console=host.dir / f"{name}.console",
+    )
+
+
+def host_by_name(name: str) -> t.Host:
+    state = lab.load_state()
+    if state is None:
+        raise lab.NotUp("the lab is not up: run `lab/labctl up` first")
+    for i in range(1, state["hosts"] + 1):
+        h = t.host(i)
+        if name in (h.name, h.hostname):
+            return h
+    raise LabError(f"no lab host {name!r} (the lab has h1..h{state['hosts']})")
+
+
+def start_vm(name: str, host: t.Host, index: int = 0) -> str:
+    """Define and start a guest on a host through that host's libvirtd; return its address."""
+    import libvirt
+
+    xml = domain_xml(name, host, index)
+    try:
+        conn = libvirt.open(host.libvirt_uri)
+        try:
+            conn.defineXML(xml).create()
+        finally:
+            conn.close()
+    except libvirt.libvirtError as e:
+        raise LabError(f"starting {name} on {host.hostname}: {e}") from None
+    return t.guest_ip(index)
+
+
+def client_check(
+    ip: str, stream_bytes: int = 1 << 20, echo_bytes: int = 64 << 10, timeout: float = 120
+) -> dict:
+    """Run the byte check from the client namespace; return its JSON result."""
+    state = lab.load_state()
+    if state is None:
+        raise lab.NotUp("the lab is not up")
+    cmd = in_node(
+        state["holders"]["client"],
+        [
+            sys.executable,
+            "-m",
+            "ftlab.client",
+            ip,
+            "--stream-bytes",
+            str(stream_bytes),
+            "--echo-bytes",
+            str(echo_bytes),
+            "--timeout",
+            str(timeout),
+        ],
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    try:
+        return json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        raise LabError(f"the client check printed no result: {proc.stderr.strip()}") from None
+
+
+def print_check(result: dict) -> None:
+    if result["ok"]:
+        s, e = result["stream"], result["echo"]
+        print(
+            f"client -> {result['ip']}: stream {s['bytes']} bytes in order, none lost or "
+            f"duplicated ({s['seconds']} s); echo {e['bytes']} bytes returned intact ({e['seconds']} s)"
+        )
+    else:
+        print(f"client -> {result['ip']}: FAILED: {result['error']}")
+
+
+# --- commands -------------------------------------------------------------------------------
+
+
+def cmd_vm_start(args) -> int:
+    host = host_by_name(args.host)
+    lab.say(f"starting guest {args.name} on {host.hostname} (TCG)")
+    ip = start_vm(args.name, host, args.index)
+    lab.say(f"{args.name} is at {ip}; console log {host.dir / (args.name + '.console')}")
+    return 0
+
+
+def cmd_check(args) -> int:
+    result = client_check(args.ip, args.stream_bytes, args.echo_bytes, args.timeout)
+    print_check(result)
+    return 0 if result["ok"] else 1
+
+
+def cmd_demo(args) -> int:
+    """The main job so far: the lab up, a guest on the first host, the client's byte check."""
+    t0 = time.monotonic()
+    if lab.load_state() is None:
+        lab.up(args.hosts)
+    else:
+        lab.say("the lab is already up: using it")
+    lab.say("building (or reusing) the guest image")
+    build_image()
+    host = t.host(1)
+    state = lab.load_state()
+    import libvirt
+
+    conn = libvirt.open(host.libvirt_uri)
+    try:
+        running = "demo" in [d.name() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)]
+    finally:
+        conn.close()
+    if not running:
+        lab.say(f"starting guest demo on {host.hostname}; waiting for it to boot")
+        start_vm("demo", host, 0)
+    lab.say("client: reading 1 MiB of the stream and echoing 64 KiB")
+    result = client_check(t.guest_ip(0))
+    print_check(result)
+    lab.say(
+        f"demo done in {time.monotonic() - t0:.0f} s on {state['hosts']} hosts; "
+        "`lab/labctl status` lists them, `lab/labctl down` removes the lab"
+    )
+    return 0 if result["ok"] else 1
+
+
+def add_commands(sub) -> None:
+    vm = sub.add_parser("vm", help="guest VMs on lab hosts")
+    vsub = vm.add_subparsers(dest="vm_command", required=True)
+    start = vsub.add_parser("start", help="start a guest on a host")
+    start.add_argument("name")
+    start.add_argument("--host", default="h1")
+    start.add_argument("--index", type=int, default=0, help="guest number: address 10.77.3.(100+N)")
+    start.set_defaults(func=cmd_vm_start)
+    check = sub.add_parser("check", help="the client's byte check against a guest")
+    check.add_argument("ip")
+    check.add_argument("--stream-bytes", type=int, default=1 << 20)
+    check.add_argument("--echo-bytes", type=int, default=64 << 10)
+    check.add_argument("--timeout", type=float, default=120)
+    check.set_defaults(func=cmd_check)

@@ -1,0 +1,32 @@
+"""Fixtures that run the lab for real: namespaces, daemons, QEMU. They need root."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+LABCTL = REPO / "lab" / "labctl"
+sys.path.insert(0, str(REPO / "lab"))
+
+
+def labctl(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([str(LABCTL), *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def lab():
+    """A 3-host lab for the tests of one module; always taken down afterwards."""
+    if os.geteuid() != 0:
+        pytest.fail("the lab tests need root")
+    up = labctl("up", "--hosts", "3")
+    assert up.returncode == 0, up.stdout + up.stderr
+    try:
+        yield
+    finally:
+        down = labctl("down")
+        assert down.returncode == 0, down.stdout + down.stderr

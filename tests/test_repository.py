@@ -1,0 +1,31 @@
+"""Repository-wide checks: the collection builds, the Python code is lint-clean."""
+
+from __future__ import annotations
+
+import subprocess
+import tarfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+VENV = REPO / ".venv" / "bin"
+COLLECTION = REPO / "collections" / "ansible_collections" / "ft" / "lockstep"
+
+
+def test_the_collection_builds_into_a_tarball(tmp_path):
+    r = subprocess.run(
+        [VENV / "ansible-galaxy", "collection", "build", COLLECTION, "--output-path", tmp_path],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    tarball = tmp_path / "ft-lockstep-0.1.0.tar.gz"
+    with tarfile.open(tarball) as tar:
+        names = tar.getnames()
+    assert {"MANIFEST.json", "FILES.json", "meta/runtime.yml", "README.md"} <= set(names)
+
+
+def test_python_code_is_formatted_and_lint_clean():
+    lint = subprocess.run([VENV / "ruff", "check", "."], cwd=REPO, capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout
+    fmt = subprocess.run([VENV / "ruff", "format", "--check", "."], cwd=REPO, capture_output=True, text=True)
+    assert fmt.returncode == 0, fmt.stdout
