@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -73,6 +74,41 @@ def stream_check(ip: str, nbytes: int, deadline: float) -> dict:
     return {"bytes": verifier.offset, "seconds": round(elapsed, 3)}
 
 
+def follow(ip: str, deadline: float, report_every: float = 1.0) -> dict:
+    """Hold a stream connection open until SIGTERM, verifying every byte. Prints a JSON progress
+    line each report_every seconds; returns the totals and the longest gap between two reads,
+    which is what a client sees of a failover."""
+    stop = False
+
+    def on_term(*_):
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    verifier = StreamVerifier()
+    max_gap, last = 0.0, None
+    with connect(ip, STREAM_PORT, deadline) as s:
+        s.settimeout(0.2)
+        start = next_report = time.monotonic()
+        while not stop:
+            try:
+                data = s.recv(65536)
+            except TimeoutError:
+                data = None
+            now = time.monotonic()
+            if data == b"":
+                raise StreamMismatch(f"connection closed after {verifier.offset} bytes")
+            if data:
+                verifier.feed(data)
+                if last is not None:
+                    max_gap = max(max_gap, now - last)
+                last = now
+            if now >= next_report:
+                print(json.dumps({"t": round(now - start, 2), "bytes": verifier.offset}), flush=True)
+                next_report = now + report_every
+    return {"bytes": verifier.offset, "max_gap": round(max_gap, 3)}
+
+
 def echo_check(ip: str, nbytes: int, deadline: float, chunk: int = 4096) -> dict:
     sent = os.urandom(nbytes)
     got = bytearray()
@@ -98,12 +134,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stream-bytes", type=int, default=1 << 20)
     p.add_argument("--echo-bytes", type=int, default=64 << 10)
     p.add_argument("--timeout", type=float, default=120, help="seconds to wait for the guest")
+    p.add_argument("--follow", action="store_true", help="read the stream until SIGTERM")
     args = p.parse_args(argv)
     deadline = time.monotonic() + args.timeout
     result: dict = {"ip": args.ip}
     try:
-        result["stream"] = stream_check(args.ip, args.stream_bytes, deadline)
-        result["echo"] = echo_check(args.ip, args.echo_bytes, deadline)
+        if args.follow:
+            result["follow"] = follow(args.ip, deadline)
+        else:
+            result["stream"] = stream_check(args.ip, args.stream_bytes, deadline)
+            result["echo"] = echo_check(args.ip, args.echo_bytes, deadline)
         result["ok"] = True
     except (OSError, StreamMismatch) as e:
         result["ok"] = False
