@@ -3,16 +3,37 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
-from . import __version__
+from . import __version__, probe
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ftctl", description=__doc__)
     p.add_argument("--version", action="version", version=f"ftctl {__version__}")
-    p.add_subparsers(dest="command", metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    pr = sub.add_parser("probe", help="check this host's QEMU for what an FT pair needs")
+    pr.add_argument("--qemu", default="qemu-system-x86_64", help="command that runs QEMU (split on spaces)")
+    pr.add_argument("--json", action="store_true")
     return p
+
+
+def cmd_probe(args) -> int:
+    try:
+        caps = probe.probe(args.qemu.split())
+    except probe.ProbeError as e:
+        print(f"ftctl: error: {e}", file=sys.stderr)
+        return 1
+    missing = caps.missing()
+    if args.json:
+        print(json.dumps({"version": caps.version, "package": caps.package, "missing": missing}))
+    else:
+        print(
+            f"QEMU {caps.build}: "
+            + ("has everything an FT pair needs" if not missing else "; ".join(missing))
+        )
+    return 0 if not missing else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,4 +41,4 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser().print_help(sys.stderr)
         return 2
-    return 0
+    return {"probe": cmd_probe}[args.command](args)

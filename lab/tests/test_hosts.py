@@ -9,6 +9,7 @@ import subprocess
 import uuid
 
 import pytest
+
 from conftest import REPO, labctl
 from ftlab import guest
 from ftlab import topology as t
