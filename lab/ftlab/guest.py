@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from xml.sax.saxutils import escape
@@ -193,3 +194,47 @@ def add_commands(sub) -> None:
     check.add_argument("--echo-bytes", type=int, default=64 << 10)
     check.add_argument("--timeout", type=float, default=120)
     check.set_defaults(func=cmd_check)
+
+
+class StreamFollower:
+    """The client holding one stream connection to a guest open (ftlab.client --follow) while a
+    test does things to the VM; wait_for_bytes() awaits progress, stop() returns the verdict."""
+
+    def __init__(self, ip: str, timeout: float = 180) -> None:
+        state = lab.load_state()
+        if state is None:
+            raise lab.NotUp("the lab is not up")
+        cmd = in_node(state["holders"]["client"], [
+            sys.executable, "-m", "ftlab.client", ip, "--follow", "--timeout", str(timeout),
+        ])  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+        self.bytes = 0
+        self.lines: list[dict] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            msg = json.loads(line)
+            self.lines.append(msg)
+            self.bytes = msg.get("bytes", self.bytes)
+
+    def wait_for_bytes(self, n: int, timeout: float) -> int:
+        """Wait until n bytes were verified; LabError if the client failed or time ran out."""
+        deadline = time.monotonic() + timeout
+        while self.bytes < n:
+            if self.proc.poll() is not None:
+                self._reader.join(5)
+                raise LabError(f"the client stopped: {self.lines[-1] if self.lines else 'no output'}")
+            if time.monotonic() > deadline:
+                raise LabError(f"the stream stalled at {self.bytes} bytes (waited for {n})")
+            time.sleep(0.05)
+        return self.bytes
+
+    def stop(self) -> dict:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        self.proc.wait(30)
+        self._reader.join(5)
+        return self.lines[-1] if self.lines else {"ok": False, "error": "no output"}

@@ -10,9 +10,9 @@ import uuid
 
 import pytest
 
-from conftest import REPO, labctl
 from ftlab import guest
 from ftlab import topology as t
+from ftlab.testing import REPO, labctl
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 HOSTS = [t.host(i) for i in (1, 2, 3)]

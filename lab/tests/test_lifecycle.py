@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from conftest import labctl
+from ftlab.testing import labctl
 
 pytestmark = pytest.mark.lab
 

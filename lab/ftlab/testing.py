@@ -1,17 +1,15 @@
-"""Fixtures that run the lab for real: namespaces, daemons, QEMU. They need root."""
+"""pytest plugin: the lab for tests that need real hosts (root). Loaded by the root conftest.py."""
 
 from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 LABCTL = REPO / "lab" / "labctl"
-sys.path.insert(0, str(REPO / "lab"))
 
 
 def labctl(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

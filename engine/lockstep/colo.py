@@ -1,0 +1,285 @@
+"""The QEMU COLO data plane: start a primary and a secondary of one guest on two hosts, enter
+replication, and fail over in either direction. QMP through qemu.qmp (see qmp.py).
+
+Two modes share this code (docs/adr/0002-data-plane.md):
+- lockstep: COLO proper. The secondary runs the same input as the primary (mirrored packets);
+  colo-compare releases the primary's output when the secondary's matches, and checkpoints
+  when they differ or every checkpoint interval. For KVM hosts.
+- checkpoint: the secondary is started with -S and stays passive: it loads every checkpoint but
+  does not run until failover (a QEMU with lab/qemu/colo-passive-secondary.patch). colo-compare
+  then holds each packet of the primary until the checkpoint that produced it has reached the
+  secondary - Remus's output commit, at a cost of up to one checkpoint interval of latency.
+  Experimental: losing the secondary works, but a takeover can resume from a checkpoint older
+  than the output already released (ADR 0002), so it is not offered as a default.
+
+Network: the primary's NIC is a tap on the VM network bridge. The secondary's tap is on the
+same bridge but kept down until failover, so the twin never answers on the VM network while the
+primary lives. Mirror, compare and checkpoint traffic use the hosts' FT-logging addresses."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+from qemu.qmp import QMPClient
+
+from .qmp import connect
+
+
+class Mode(StrEnum):
+    LOCKSTEP = "lockstep"
+    CHECKPOINT = "checkpoint"
+
+
+class DataPlaneError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Guest:
+    """What both sides run. The lab boots a kernel directly; a disk image is a later step."""
+
+    name: str
+    mac: str
+    memory_mib: int = 256
+    vcpus: int = 1
+    kernel: str | None = None
+    initrd: str | None = None
+    cmdline: str = ""
+
+
+@dataclass(frozen=True)
+class Host:
+    """One host's end of a pair: how to run things there and its addresses."""
+
+    name: str
+    ft_ip: str  # address on the FT-logging network
+    run_dir: Path  # QMP socket, console and log of the VMs this host runs
+    qemu: tuple[str, ...] = ("qemu-system-x86_64",)
+    prefix: tuple[str, ...] = ()  # e.g. nsenter into a lab host; empty on a real host
+    bridge: str = "vmbr0"  # the VM network
+    accel: str = "tcg"
+
+    def run(self, *cmd: str) -> None:
+        proc = subprocess.run([*self.prefix, *cmd], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise DataPlaneError(f"{self.name}: {' '.join(cmd)}: {proc.stderr.strip()}")
+
+
+@dataclass(frozen=True)
+class Ports:
+    """TCP ports of one pair (several pairs on a host need distinct bases)."""
+
+    base: int = 9000
+
+    @property
+    def mirror(self) -> int:  # primary -> secondary: the primary's incoming packets
+        return self.base + 3
+
+    @property
+    def compare(self) -> int:  # secondary -> primary: the secondary's outgoing packets
+        return self.base + 4
+
+    @property
+    def migrate(self) -> int:  # primary -> secondary: the initial copy, then checkpoints
+        return self.base + 8
+
+    @property
+    def local_in(self) -> int:  # on the primary: its outgoing packets into colo-compare
+        return self.base + 1
+
+    @property
+    def local_out(self) -> int:  # on the primary: colo-compare's released packets back
+        return self.base + 5
+
+
+def tap_name(guest: Guest, role: str) -> str:
+    return f"ft{role[0]}-{guest.name}"[:15]
+
+
+def _common_argv(guest: Guest, host: Host, role: str, tap: str) -> list[str]:
+    argv = [
+        *host.prefix,
+        *host.qemu,
+        "-name",
+        f"{guest.name} ({role})",
+        "-accel",
+        host.accel,
+        "-cpu",
+        "qemu64" if host.accel == "tcg" else "host",
+        "-m",
+        str(guest.memory_mib),
+        "-smp",
+        str(guest.vcpus),
+        "-nodefaults",
+        "-display",
+        "none",
+        "-no-user-config",
+        "-serial",
+        f"file:{host.run_dir / f'{guest.name}.{role}.console'}",
+        "-qmp",
+        f"unix:{host.run_dir / f'{guest.name}.{role}.qmp'},server=on,wait=off",
+        "-netdev",
+        f"tap,id=hn0,ifname={tap},script=no,downscript=no,vhost=off",
+        "-device",
+        f"virtio-net-pci,netdev=hn0,mac={guest.mac},romfile=",
+    ]
+    if guest.kernel:
+        argv += ["-kernel", guest.kernel, "-initrd", guest.initrd or "", "-append", guest.cmdline]
+    return argv
+
+
+def primary_argv(guest: Guest, host: Host, ports: Ports) -> list[str]:
+    """The primary boots like any VM; its COLO filters are added just before replication starts
+    (colo-compare holds all output until then)."""
+    ip = host.ft_ip
+    return _common_argv(guest, host, "primary", tap_name(guest, "primary")) + [
+        "-chardev", f"socket,id=mirror0,host={ip},port={ports.mirror},server=on,wait=off",
+        "-chardev", f"socket,id=compare1,host={ip},port={ports.compare},server=on,wait=off",
+        "-chardev", f"socket,id=compare0,host=127.0.0.1,port={ports.local_in},server=on,wait=off",
+        "-chardev", f"socket,id=compare0-0,host=127.0.0.1,port={ports.local_in}",
+        "-chardev", f"socket,id=compare_out,host=127.0.0.1,port={ports.local_out},server=on,wait=off",
+        "-chardev", f"socket,id=compare_out0,host=127.0.0.1,port={ports.local_out}",
+    ]  # fmt: skip
+
+
+def secondary_argv(guest: Guest, host: Host, primary: Host, ports: Ports, mode: Mode) -> list[str]:
+    p = primary.ft_ip
+    argv = _common_argv(guest, host, "secondary", tap_name(guest, "secondary"))
+    if mode is Mode.LOCKSTEP:
+        argv += [
+            "-chardev", f"socket,id=red0,host={p},port={ports.mirror},reconnect=1",
+            "-chardev", f"socket,id=red1,host={p},port={ports.compare},reconnect=1",
+            "-object", "filter-redirector,id=f1,netdev=hn0,queue=tx,indev=red0",
+            "-object", "filter-redirector,id=f2,netdev=hn0,queue=rx,outdev=red1",
+            "-object", "filter-rewriter,id=rew0,netdev=hn0,queue=all",
+        ]  # fmt: skip
+    else:
+        argv += ["-S"]  # passive: loads checkpoints, runs only after failover
+    return argv + ["-incoming", f"tcp:{host.ft_ip}:{ports.migrate}"]
+
+
+@dataclass
+class Vm:
+    """One running QEMU of a pair and its QMP connection."""
+
+    guest: Guest
+    host: Host
+    role: str
+    proc: subprocess.Popen | None = None
+    qmp: QMPClient | None = None
+    log: Path | None = field(default=None)
+
+    @property
+    def qmp_path(self) -> Path:
+        return self.host.run_dir / f"{self.guest.name}.{self.role}.qmp"
+
+    async def start(self, argv: list[str], tap_up: bool) -> None:
+        tap = tap_name(self.guest, self.role)
+        with contextlib.suppress(DataPlaneError):
+            self.host.run("ip", "link", "del", tap)
+        self.host.run("ip", "tuntap", "add", tap, "mode", "tap")
+        self.host.run("ip", "link", "set", tap, "master", self.host.bridge)
+        if tap_up:
+            self.host.run("ip", "link", "set", tap, "up")
+        self.qmp_path.unlink(missing_ok=True)
+        self.log = self.host.run_dir / f"{self.guest.name}.{self.role}.log"
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        try:
+            self.qmp = await connect(
+                str(self.qmp_path), 20, name=f"{self.guest.name}.{self.role}", proc=self.proc
+            )
+        except Exception:
+            raise DataPlaneError(
+                f"{self.role} QEMU on {self.host.name} did not start: {self.log.read_text().strip()[-500:]}"
+            ) from None
+
+    async def execute(self, cmd: str, args: dict | None = None, timeout: float = 10.0):
+        assert self.qmp is not None
+        return await asyncio.wait_for(self.qmp.execute(cmd, args), timeout)
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    async def close(self) -> None:
+        if self.qmp:
+            with contextlib.suppress(Exception):
+                await self.qmp.disconnect()
+        self.kill()
+
+
+COLO_FILTERS = [
+    {"qom-type": "filter-mirror", "id": "m0", "netdev": "hn0", "queue": "tx", "outdev": "mirror0"},
+    {"qom-type": "filter-redirector", "id": "redire0", "netdev": "hn0", "queue": "rx",
+     "indev": "compare_out"},
+    {"qom-type": "filter-redirector", "id": "redire1", "netdev": "hn0", "queue": "rx",
+     "outdev": "compare0"},
+    {"qom-type": "iothread", "id": "iothread1"},
+    {"qom-type": "colo-compare", "id": "comp0", "primary_in": "compare0-0", "secondary_in": "compare1",
+     "outdev": "compare_out0", "iothread": "iothread1"},
+]  # fmt: skip
+
+
+async def enter_colo(
+    primary: Vm, secondary: Vm, ports: Ports, checkpoint_ms: int, mode: Mode, timeout: float = 120.0
+) -> None:
+    """Copy the running primary to the waiting secondary and keep them in replication; returns
+    once the primary reports migration status 'colo'."""
+    colo = {"capabilities": [{"capability": "x-colo", "state": True}]}
+    await secondary.execute("migrate-set-capabilities", colo)
+    filters = (
+        COLO_FILTERS if mode is Mode.LOCKSTEP else COLO_FILTERS[1:]
+    )  # nothing to mirror to a passive twin
+    for f in filters:
+        await primary.execute("object-add", f)
+    await primary.execute("migrate-set-capabilities", colo)
+    await primary.execute("migrate-set-parameters", {"x-checkpoint-delay": checkpoint_ms})
+    await primary.execute("migrate", {"uri": f"tcp:{secondary.host.ft_ip}:{ports.migrate}"})
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while (status := (await primary.execute("query-migrate")).get("status")) != "colo":
+        if status in ("failed", "cancelled", "completed") or loop.time() > deadline:
+            raise DataPlaneError(f"replication did not start: migration {status}")
+        await asyncio.sleep(0.2)
+
+
+async def secondary_takeover(secondary: Vm, mode: Mode) -> None:
+    """The primary is lost: the secondary leaves replication, joins the VM network and runs on.
+    The caller must have won the split-brain token first (arbiter.claim)."""
+    await secondary.execute("x-colo-lost-heartbeat")
+    if mode is Mode.LOCKSTEP:
+        for obj in ("f2", "f1"):
+            await secondary.execute("object-del", {"id": obj})
+        for dev in ("red1", "red0"):
+            await secondary.execute("chardev-remove", {"id": dev})
+    # A packet the guest sent into the removed redirector path can be left waiting for a
+    # completion that never comes, and virtio-net sends nothing more until it does. Taking the
+    # link down purges the netdev's queue, which completes every pending send.
+    for up in (False, True):
+        await secondary.execute("set_link", {"name": "hn0", "up": up})
+    if not (await secondary.execute("query-status"))["running"]:
+        await secondary.execute("cont")
+    secondary.host.run("ip", "link", "set", tap_name(secondary.guest, "secondary"), "up")
+    await announce(secondary)
+
+
+async def primary_continue_alone(primary: Vm, mode: Mode) -> None:
+    """The secondary is lost: the primary drops its COLO filters and runs unprotected."""
+    filters = ["comp0", "iothread1", "m0", "redire0", "redire1"]
+    if mode is Mode.CHECKPOINT:
+        filters.remove("m0")
+    for obj in filters:
+        await primary.execute("object-del", {"id": obj})
+    await primary.execute("x-colo-lost-heartbeat")
+
+
+async def announce(vm: Vm) -> None:
+    """Gratuitous ARP/RARP from the VM's NIC so the network learns its new port at once."""
+    await vm.execute("announce-self", {"initial": 50, "max": 550, "rounds": 5, "step": 100})
