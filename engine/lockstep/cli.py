@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from . import __version__, probe
+from . import __version__, accel, probe
 
 
 def parser() -> argparse.ArgumentParser:
@@ -15,6 +15,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     pr = sub.add_parser("probe", help="check this host's QEMU for what an FT pair needs")
     pr.add_argument("--qemu", default="qemu-system-x86_64", help="command that runs QEMU (split on spaces)")
+    pr.add_argument("--accel", default="auto", help="auto, kvm or tcg (default auto)")
     pr.add_argument("--json", action="store_true")
     return p
 
@@ -22,17 +23,19 @@ def parser() -> argparse.ArgumentParser:
 def cmd_probe(args) -> int:
     try:
         caps = probe.probe(args.qemu.split())
-    except probe.ProbeError as e:
+        choice = accel.choose(args.accel)
+    except (probe.ProbeError, accel.AccelError) as e:
         print(f"ftctl: error: {e}", file=sys.stderr)
         return 1
     missing = caps.missing()
     if args.json:
-        print(json.dumps({"version": caps.version, "package": caps.package, "missing": missing}))
+        report = {"version": caps.version, "package": caps.package, "missing": missing,
+                  "accel": choice.accel, "accel_reason": choice.reason}  # fmt: skip
+        print(json.dumps(report))
     else:
-        print(
-            f"QEMU {caps.build}: "
-            + ("has everything an FT pair needs" if not missing else "; ".join(missing))
-        )
+        verdict = "; ".join(missing) or "has everything an FT pair needs"
+        print(f"QEMU {caps.build}: {verdict}")
+        print(f"accelerator: {choice.accel} ({choice.reason})")
     return 0 if not missing else 1
 
 

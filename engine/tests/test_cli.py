@@ -13,3 +13,15 @@ def test_ftctl_reports_its_version(capsys):
 def test_ftctl_without_a_command_prints_usage_and_fails(capsys):
     assert main([]) == 2
     assert "usage: ftctl" in capsys.readouterr().err
+
+
+def test_ftctl_probe_reports_qemu_and_accelerator(capsys):
+    assert main(["probe", "--accel", "tcg"]) == 0
+    out = capsys.readouterr().out
+    assert "has everything an FT pair needs" in out
+    assert "accelerator: tcg (set to tcg)" in out
+
+
+def test_ftctl_probe_refuses_a_bad_accelerator_setting(capsys):
+    assert main(["probe", "--accel", "hvf"]) == 1
+    assert "accelerator must be auto, kvm or tcg, not 'hvf'" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import asyncio
 import json
 import subprocess
 
-from lockstep import colo
+from lockstep import accel, colo
 
 from . import guest as lab_guest
 from . import topology as t
@@ -22,7 +22,7 @@ def lab_host(index: int, qemu: str) -> colo.Host:
     return colo.Host(
         name=h.hostname, ft_ip=h.ip("ft_logging"), run_dir=h.dir, qemu=(qemu,),
         prefix=("nsenter", "-t", str(holder), "--net", "--mount", "--uts", "--"),
-        bridge=t.VM_BRIDGE, accel="tcg",
+        bridge=t.VM_BRIDGE, accel=accel.choose("auto").accel,  # TCG on the lab machines
     )  # fmt: skip
 
 
