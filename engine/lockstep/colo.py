@@ -9,8 +9,10 @@ Two modes share this code (docs/adr/0002-data-plane.md):
   does not run until failover (a QEMU with lab/qemu/colo-passive-secondary.patch). colo-compare
   then holds each packet of the primary until the checkpoint that produced it has reached the
   secondary - Remus's output commit, at a cost of up to one checkpoint interval of latency.
-  Experimental: losing the secondary works, but a takeover can resume from a checkpoint older
-  than the output already released (ADR 0002), so it is not offered as a default.
+  Experimental.
+
+In both modes losing the secondary works; a takeover after losing the primary sometimes leaves
+the new primary's guest receiving nothing (the open problem of docs/adr/0002-data-plane.md).
 
 Network: the primary's NIC is a tap on the VM network bridge. The secondary's tap is on the
 same bridge but kept down until failover, so the twin never answers on the VM network while the
