@@ -91,29 +91,21 @@ def start_vm(name: str, host: t.Host, index: int = 0) -> str:
     return t.guest_ip(index)
 
 
+def client_command(ip: str, *args: str) -> tuple[list[str], dict]:
+    """The command line and environment that run ftlab.client in the lab's client namespace."""
+    state = lab.load_state()
+    if state is None:
+        raise lab.NotUp("the lab is not up")
+    cmd = in_node(state["holders"]["client"], [sys.executable, "-m", "ftlab.client", ip, *args])
+    return cmd, {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+
 def client_check(
     ip: str, stream_bytes: int = 1 << 20, echo_bytes: int = 64 << 10, timeout: float = 120
 ) -> dict:
     """Run the byte check from the client namespace; return its JSON result."""
-    state = lab.load_state()
-    if state is None:
-        raise lab.NotUp("the lab is not up")
-    cmd = in_node(
-        state["holders"]["client"],
-        [
-            sys.executable,
-            "-m",
-            "ftlab.client",
-            ip,
-            "--stream-bytes",
-            str(stream_bytes),
-            "--echo-bytes",
-            str(echo_bytes),
-            "--timeout",
-            str(timeout),
-        ],
-    )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd, env = client_command(ip, "--stream-bytes", str(stream_bytes), "--echo-bytes",
+                              str(echo_bytes), "--timeout", str(timeout))  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     try:
         return json.loads(proc.stdout)
@@ -201,13 +193,7 @@ class StreamFollower:
     test does things to the VM; wait_for_bytes() awaits progress, stop() returns the verdict."""
 
     def __init__(self, ip: str, timeout: float = 180) -> None:
-        state = lab.load_state()
-        if state is None:
-            raise lab.NotUp("the lab is not up")
-        cmd = in_node(state["holders"]["client"], [
-            sys.executable, "-m", "ftlab.client", ip, "--follow", "--timeout", str(timeout),
-        ])  # fmt: skip
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        cmd, env = client_command(ip, "--follow", "--timeout", str(timeout))
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
         self.bytes = 0
         self.lines: list[dict] = []
