@@ -215,23 +215,14 @@ def start_storage(state: dict) -> None:
     with open(lun, "wb") as f:
         f.truncate(256 << 20)
     start(state, node, "rpcbind", ["rpcbind", "-w", "-f"])
-    start(
-        state,
-        node,
-        "ganesha",
-        [
-            "ganesha.nfsd",
-            "-F",
-            "-f",
-            str(node.dir / "ganesha.conf"),
-            "-L",
-            str(node.dir / "ganesha.nfsd.log"),
-            "-p",
-            "/run/ganesha.pid",
-            "-N",
-            "NIV_EVENT",
-        ],
+    # ganesha registers with rpcbind as it starts: start it once rpcbind listens (a CI run once
+    # saw ganesha exit at start, with rpcbind started a moment before)
+    wait_for(
+        "rpcbind", lambda: service_ready(state, node, "rpcbind", lambda: tcp_open(t.STORAGE_IP, 111)), 15
     )
+    ganesha_conf, ganesha_log = node.dir / "ganesha.conf", node.dir / "ganesha.log"
+    start(state, node, "ganesha", ["ganesha.nfsd", "-F", "-f", str(ganesha_conf), "-L", str(ganesha_log),
+                                   "-p", "/run/ganesha.pid", "-N", "NIV_EVENT"])  # fmt: skip
     start(state, node, "tgtd", ["tgtd", "-f", "--iscsi", f"portal={t.STORAGE_IP}:3260"])
     holder = state["holders"][node.name]
     tgtadm = in_node(holder, ["tgtadm", "--lld", "iscsi"])
