@@ -229,6 +229,12 @@ COLO_FILTERS = [
 ]  # fmt: skip
 
 
+def colo_filters(mode: Mode) -> list[dict]:
+    """The objects the primary gets for replication, in creation order (a passive twin runs
+    nothing, so nothing is mirrored to it)."""
+    return COLO_FILTERS if mode is Mode.LOCKSTEP else COLO_FILTERS[1:]
+
+
 async def enter_colo(
     primary: Vm, secondary: Vm, ports: Ports, checkpoint_ms: int, mode: Mode, timeout: float = 120.0
 ) -> None:
@@ -236,10 +242,7 @@ async def enter_colo(
     once the primary reports migration status 'colo'."""
     colo = {"capabilities": [{"capability": "x-colo", "state": True}]}
     await secondary.execute("migrate-set-capabilities", colo)
-    filters = (
-        COLO_FILTERS if mode is Mode.LOCKSTEP else COLO_FILTERS[1:]
-    )  # nothing to mirror to a passive twin
-    for f in filters:
+    for f in colo_filters(mode):
         await primary.execute("object-add", f)
     await primary.execute("migrate-set-capabilities", colo)
     await primary.execute("migrate-set-parameters", {"x-checkpoint-delay": checkpoint_ms})
@@ -274,11 +277,8 @@ async def secondary_takeover(secondary: Vm, mode: Mode) -> None:
 
 async def primary_continue_alone(primary: Vm, mode: Mode) -> None:
     """The secondary is lost: the primary drops its COLO filters and runs unprotected."""
-    filters = ["comp0", "iothread1", "m0", "redire0", "redire1"]
-    if mode is Mode.CHECKPOINT:
-        filters.remove("m0")
-    for obj in filters:
-        await primary.execute("object-del", {"id": obj})
+    for f in reversed(colo_filters(mode)):  # colo-compare before the iothread it runs in
+        await primary.execute("object-del", {"id": f["id"]})
     await primary.execute("x-colo-lost-heartbeat")
 
 

@@ -10,24 +10,18 @@ test that passes by chance would prove nothing."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
-from pathlib import Path
 
 import pytest
 
-from ftlab.colopair import MiB, Pair
+from ftlab.colopair import MiB, Pair, lab_qemu
 from lockstep import colo
 
 pytestmark = [pytest.mark.lab, pytest.mark.vm, pytest.mark.slow]
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def qemu() -> str:
-    """The lab's QEMU: Debian's 7.2 with the patches of lab/qemu (built once, cached)."""
-    out = subprocess.run([str(REPO / "lab" / "qemu" / "build")], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    return out.stdout.strip().splitlines()[-1]
+    return lab_qemu()
 
 
 def run(scenario) -> None:

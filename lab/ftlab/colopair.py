@@ -5,23 +5,35 @@ driven from here; deciding on its own is the engine daemon's job."""
 from __future__ import annotations
 
 import asyncio
-import json
 import subprocess
 
 from lockstep import accel, colo
 
 from . import guest as lab_guest
+from . import lab
 from . import topology as t
+from .lab import REPO
+from .proc import LabError, in_node
 
 MiB = 1 << 20
 
 
+def lab_qemu() -> str:
+    """The lab's QEMU: Debian's 7.2 with the patches of lab/qemu (built once, cached)."""
+    proc = subprocess.run([str(REPO / "lab" / "qemu" / "build")], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise LabError(f"lab/qemu/build failed: {proc.stderr.strip()}")
+    return proc.stdout.split()[-1]
+
+
 def lab_host(index: int, qemu: str) -> colo.Host:
     h = t.host(index)
-    holder = json.loads(t.STATE_FILE.read_text())["holders"][h.name]
+    state = lab.load_state()
+    if state is None:
+        raise lab.NotUp("the lab is not up")
     return colo.Host(
         name=h.hostname, ft_ip=h.ip("ft_logging"), run_dir=h.dir, qemu=(qemu,),
-        prefix=("nsenter", "-t", str(holder), "--net", "--mount", "--uts", "--"),
+        prefix=tuple(in_node(state["holders"][h.name], [])),
         bridge=t.VM_BRIDGE, accel=accel.choose("auto").accel,  # TCG on the lab machines
     )  # fmt: skip
 
