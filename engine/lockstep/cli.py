@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
+from pathlib import Path
 
-from . import __version__, accel, probe
+from . import __version__, accel, colo, probe, watch
 
 
 def parser() -> argparse.ArgumentParser:
@@ -17,7 +19,39 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--qemu", default="qemu-system-x86_64", help="command that runs QEMU (split on spaces)")
     pr.add_argument("--accel", default="auto", help="auto, kvm or tcg (default auto)")
     pr.add_argument("--json", action="store_true")
+    w = sub.add_parser("watch", help="watch one side of a pair: heartbeats, fencing, arbitration, go-live")
+    w.add_argument("--pair", required=True)
+    w.add_argument("--generation", type=int, required=True)
+    w.add_argument("--role", choices=("primary", "secondary"), required=True)
+    w.add_argument("--me", required=True, help="this host's name (written into the token)")
+    w.add_argument("--listen", type=address, required=True, help="FT-logging IP:PORT of this side")
+    w.add_argument("--peer", type=address, required=True, help="FT-logging IP:PORT of the other side")
+    w.add_argument("--datastore", type=Path, required=True)
+    w.add_argument("--mode", type=colo.Mode, choices=list(colo.Mode), default=colo.Mode.LOCKSTEP)
+    w.add_argument("--qmp", required=True, help="QMP socket of this side's QEMU")
+    w.add_argument("--qemu-pid", type=int, required=True, help="PID of that QEMU (fenced with SIGKILL)")
+    w.add_argument("--guest", required=True, help="guest name (names the VM's tap)")
+    for opt, default in (("interval", 0.1), ("timeout", 0.6), ("progress-timeout", 1.5)):
+        w.add_argument(f"--{opt}", type=float, default=default, help=f"seconds (default {default})")
     return p
+
+
+def address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected IP:PORT, got {text!r}")
+    return host, int(port)
+
+
+def cmd_watch(args) -> int:
+    cfg = watch.WatchConfig(
+        pair=args.pair, generation=args.generation, role=args.role, me=args.me, listen=args.listen,
+        peer=args.peer, datastore=args.datastore, mode=args.mode, interval=args.interval,
+        timeout=args.timeout, progress_timeout=args.progress_timeout,
+    )  # fmt: skip
+    verdict = asyncio.run(watch.run(cfg, args.qmp, args.qemu_pid, args.guest))
+    print(verdict.to_json(), flush=True)
+    return 0 if verdict.outcome == "live" else 3
 
 
 def cmd_probe(args) -> int:
@@ -44,4 +78,4 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser().print_help(sys.stderr)
         return 2
-    return {"probe": cmd_probe}[args.command](args)
+    return {"probe": cmd_probe, "watch": cmd_watch}[args.command](args)

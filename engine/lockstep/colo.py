@@ -11,8 +11,8 @@ Two modes share this code (docs/adr/0002-data-plane.md):
   secondary - Remus's output commit, at a cost of up to one checkpoint interval of latency.
   Experimental.
 
-In both modes losing the secondary works; a takeover after losing the primary sometimes leaves
-the new primary's guest receiving nothing (the open problem of docs/adr/0002-data-plane.md).
+Both modes survive losing either side with the client's TCP connection intact (tests in
+engine/tests/test_dataplane.py). Who fails over when is decided by watch.py.
 
 Network: the primary's NIC is a tap on the VM network bridge. The secondary's tap is on the
 same bridge but kept down until failover, so the twin never answers on the VM network while the
@@ -29,6 +29,7 @@ from pathlib import Path
 
 from qemu.qmp import QMPClient
 
+from . import probe
 from .qmp import connect
 
 
@@ -98,6 +99,21 @@ class Ports:
     def local_out(self) -> int:  # on the primary: colo-compare's released packets back
         return self.base + 5
 
+    @property
+    def heartbeat(self) -> int:  # UDP, each side's watcher (watch.py)
+        return self.base + 10
+
+
+async def check_hosts(*hosts: Host) -> None:
+    """The capability probe on each host of a pair, before anything is started on either: both
+    QEMUs must have what COLO needs and be the same build."""
+    try:
+        caps = {h.name: await asyncio.to_thread(probe.probe, [*h.prefix, *h.qemu]) for h in hosts}
+    except probe.ProbeError as e:
+        raise DataPlaneError(f"refused: capability probe failed: {e}") from None
+    if reasons := probe.compare(caps):
+        raise DataPlaneError("refused: " + "; ".join(reasons))
+
 
 def tap_name(guest: Guest, role: str) -> str:
     return f"ft{role[0]}-{guest.name}"[:15]
@@ -125,6 +141,8 @@ def _common_argv(guest: Guest, host: Host, role: str, tap: str) -> list[str]:
         f"file:{host.run_dir / f'{guest.name}.{role}.console'}",
         "-qmp",
         f"unix:{host.run_dir / f'{guest.name}.{role}.qmp'},server=on,wait=off",
+        "-qmp",  # a second monitor for the engine's watcher (watch.py)
+        f"unix:{host.run_dir / f'{guest.name}.{role}.engine.qmp'},server=on,wait=off",
         "-netdev",
         f"tap,id=hn0,ifname={tap},script=no,downscript=no,vhost=off",
         "-device",
@@ -156,9 +174,9 @@ def secondary_argv(guest: Guest, host: Host, primary: Host, ports: Ports, mode: 
         argv += [
             "-chardev", f"socket,id=red0,host={p},port={ports.mirror},reconnect=1",
             "-chardev", f"socket,id=red1,host={p},port={ports.compare},reconnect=1",
-            "-object", "filter-redirector,id=f1,netdev=hn0,queue=tx,indev=red0",
-            "-object", "filter-redirector,id=f2,netdev=hn0,queue=rx,outdev=red1",
-            "-object", "filter-rewriter,id=rew0,netdev=hn0,queue=all",
+            "-object", "filter-redirector,id=f1,netdev=hn0,queue=tx,indev=red0,vnet_hdr_support=on",
+            "-object", "filter-redirector,id=f2,netdev=hn0,queue=rx,outdev=red1,vnet_hdr_support=on",
+            "-object", "filter-rewriter,id=rew0,netdev=hn0,queue=all,vnet_hdr_support=on",
         ]  # fmt: skip
     else:
         argv += ["-S"]  # passive: loads checkpoints, runs only after failover
@@ -179,6 +197,10 @@ class Vm:
     @property
     def qmp_path(self) -> Path:
         return self.host.run_dir / f"{self.guest.name}.{self.role}.qmp"
+
+    @property
+    def engine_qmp_path(self) -> Path:
+        return self.host.run_dir / f"{self.guest.name}.{self.role}.engine.qmp"
 
     async def start(self, argv: list[str], tap_up: bool) -> None:
         tap = tap_name(self.guest, self.role)
@@ -217,15 +239,20 @@ class Vm:
         self.kill()
 
 
+# The tap runs with vnet_hdr (virtio-net offloads), so every packet in the filters carries a
+# virtio-net header: each filter and colo-compare must be told (vnet_hdr_support), or
+# colo-compare cannot parse a packet, calls it unsupported and releases it at once - no
+# output commit at all, and a failover loses the client's connection.
 COLO_FILTERS = [
-    {"qom-type": "filter-mirror", "id": "m0", "netdev": "hn0", "queue": "tx", "outdev": "mirror0"},
+    {"qom-type": "filter-mirror", "id": "m0", "netdev": "hn0", "queue": "tx", "outdev": "mirror0",
+     "vnet_hdr_support": True},
     {"qom-type": "filter-redirector", "id": "redire0", "netdev": "hn0", "queue": "rx",
-     "indev": "compare_out"},
+     "indev": "compare_out", "vnet_hdr_support": True},
     {"qom-type": "filter-redirector", "id": "redire1", "netdev": "hn0", "queue": "rx",
-     "outdev": "compare0"},
+     "outdev": "compare0", "vnet_hdr_support": True},
     {"qom-type": "iothread", "id": "iothread1"},
     {"qom-type": "colo-compare", "id": "comp0", "primary_in": "compare0-0", "secondary_in": "compare1",
-     "outdev": "compare_out0", "iothread": "iothread1"},
+     "outdev": "compare_out0", "iothread": "iothread1", "vnet_hdr_support": True},
 ]  # fmt: skip
 
 

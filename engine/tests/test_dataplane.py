@@ -1,22 +1,23 @@
 """The data plane for real: a COLO pair of QEMU VMs on two lab hosts, the client holding a TCP
 stream to the guest, then a failure. Every byte the client reads is checked (ftlab.client).
-The failures are injected and the failover sequences driven by the test (ftlab.colopair):
-detection and the daemon that decides on its own come with the engine service.
 
-Losing the primary is measured by bench/failover rather than tested here: the takeover resumes
-the stream byte-exact in most runs but stalls in some (docs/adr/0002-data-plane.md), and a
-test that passes by chance would prove nothing."""
+The failures are injected here; detecting them and failing over is the pair's own work: each
+side runs its watcher (lockstep.watch, `ftctl watch`) inside its lab host, with heartbeats over
+the FT-logging link and the split-brain token on the lab's NFS datastore."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 
 import pytest
 
-from ftlab.colopair import MiB, Pair, lab_qemu
+from ftlab.colopair import MiB, Pair, cut_links, lab_host, lab_qemu
 from lockstep import colo
 
 pytestmark = [pytest.mark.lab, pytest.mark.vm, pytest.mark.slow]
+MODES = [colo.Mode.LOCKSTEP, colo.Mode.CHECKPOINT]
 
 
 @pytest.fixture(scope="module")
@@ -28,20 +29,107 @@ def run(scenario) -> None:
     asyncio.run(asyncio.wait_for(scenario(), 400))
 
 
-@pytest.mark.parametrize("mode", [colo.Mode.LOCKSTEP, colo.Mode.CHECKPOINT])
+async def stream_survives(pair: Pair, client, survivor: colo.Vm) -> None:
+    """The client reads 2 MiB more through the surviving side, every byte checked, on the same
+    connection; the survivor runs outside replication."""
+    await asyncio.to_thread(client.wait_for_bytes, client.bytes + 2 * MiB, 90)
+    result = client.stop()
+    assert result["ok"], result
+    assert (await survivor.execute("query-status"))["running"]
+    assert (await survivor.execute("query-colo-status"))["mode"] == "none"
+
+
+def gone(vm: colo.Vm) -> bool:
+    return vm.proc is not None and vm.proc.poll() is not None
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_primary_killed_and_cut_off_secondary_goes_live_byte_exact(lab, qemu, mode):
+    async def scenario():
+        pair = Pair(qemu, mode)
+        try:
+            client = await pair.start()
+            pair.watch()
+            pair.primary.kill()
+            cut_links(1)
+            verdict = pair.verdict("secondary")
+            assert (verdict["outcome"], verdict["state"]) == ("live", "need_secondary"), verdict
+            await stream_survives(pair, client, pair.secondary)
+        finally:
+            cut_links(1, up=True)
+            await pair.close()
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_secondary_killed_primary_continues_alone_byte_exact(lab, qemu, mode):
     async def scenario():
         pair = Pair(qemu, mode)
         try:
             client = await pair.start()
+            pair.watch()
             pair.secondary.kill()
-            await colo.primary_continue_alone(pair.primary, mode)
-            await asyncio.to_thread(client.wait_for_bytes, client.bytes + 2 * MiB, 90)
-            result = client.stop()
-            assert result["ok"], result
-            status = await pair.primary.execute("query-colo-status")
-            assert status["mode"] == "none"  # out of replication, running unprotected
+            verdict = pair.verdict("primary")
+            assert (verdict["outcome"], verdict["state"]) == ("live", "need_secondary"), verdict
+            await stream_survives(pair, client, pair.primary)
         finally:
             await pair.close()
+
+    run(scenario)
+
+
+def test_hung_primary_is_fenced_and_secondary_goes_live(lab, qemu):
+    async def scenario():
+        pair = Pair(qemu, colo.Mode.LOCKSTEP)
+        try:
+            client = await pair.start()
+            pair.watch()
+            os.kill(pair.primary.proc.pid, signal.SIGSTOP)
+            primary, secondary = pair.verdict("primary"), pair.verdict("secondary")
+            assert primary["outcome"] == "fenced" and "did not answer" in primary["detail"], primary
+            assert secondary["outcome"] == "live", secondary
+            assert gone(pair.primary)  # SIGKILLed while stopped: it can never wake up and send
+            await stream_survives(pair, client, pair.secondary)
+        finally:
+            await pair.close()
+
+    run(scenario)
+
+
+def test_partition_exactly_one_side_continues_decided_by_the_datastore(lab, qemu):
+    async def scenario():
+        pair = Pair(qemu, colo.Mode.LOCKSTEP)
+        try:
+            client = await pair.start()
+            pair.watch()
+            await asyncio.to_thread(client.wait_for_bytes, client.bytes + MiB, 60)
+            assert pair.watching() == {"primary", "secondary"}  # no failover while nothing failed
+            cut_links(1, which=("ft",))  # the FT-logging link only: both sides alive
+            verdicts = {role: pair.verdict(role) for role in ("primary", "secondary")}
+            outcomes = sorted(v["outcome"] for v in verdicts.values())
+            assert outcomes == ["fenced", "live"], verdicts
+            (winner,) = [r for r, v in verdicts.items() if v["outcome"] == "live"]
+            (loser,) = [r for r, v in verdicts.items() if v["outcome"] == "fenced"]
+            assert verdicts[loser]["reason"] == "lost_arbitration", verdicts
+            survivor, fenced = (pair.primary, pair.secondary)
+            if winner == "secondary":
+                survivor, fenced = fenced, survivor
+            assert gone(fenced) and not gone(survivor)
+            await stream_survives(pair, client, survivor)
+        finally:
+            cut_links(1, up=True, which=("ft",))
+            await pair.close()
+
+    run(scenario)
+
+
+def test_hosts_with_different_qemu_builds_are_refused_before_anything_starts(lab, qemu):
+    async def scenario():
+        pair = Pair(qemu, colo.Mode.LOCKSTEP)
+        pair.secondary = colo.Vm(pair.guest, lab_host(2, "qemu-system-x86_64"), "secondary")  # stock 7.2
+        with pytest.raises(colo.DataPlaneError, match="refused: hosts run different QEMU builds"):
+            await pair.start()
+        assert pair.primary.proc is None and pair.secondary.proc is None  # nothing started
 
     run(scenario)

@@ -17,6 +17,7 @@ import time
 
 STREAM_PORT = 19
 ECHO_PORT = 7
+SPIN_PORT = 9
 LINE = 12  # bytes per stream line: 11 digits and a newline
 
 
@@ -128,6 +129,43 @@ def echo_check(ip: str, nbytes: int, deadline: float, chunk: int = 4096) -> dict
     return {"bytes": nbytes, "seconds": round(time.monotonic() - t0, 3)}
 
 
+def measure(ip: str, seconds: float, deadline: float) -> dict:
+    """What bench/overhead compares: echo round trips of 64 bytes (rate and latency), the
+    stream's throughput, and the wall time of the guest's CPU-bound loop (port 9)."""
+    rtts = []
+    with connect(ip, ECHO_PORT, deadline) as s:
+        end = time.monotonic() + seconds
+        while (t0 := time.monotonic()) < end:
+            s.sendall(b"x" * 64)
+            got = 0
+            while got < 64:
+                data = s.recv(64 - got)
+                if not data:
+                    raise StreamMismatch("echo closed")
+                got += len(data)
+            rtts.append(time.monotonic() - t0)
+    verifier = StreamVerifier()
+    with connect(ip, STREAM_PORT, deadline) as s:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < seconds:
+            verifier.feed(s.recv(65536))
+        bulk = verifier.offset / (time.monotonic() - t0)
+    with connect(ip, SPIN_PORT, deadline) as s:
+        s.settimeout(600)
+        t0 = time.monotonic()
+        while s.recv(64):
+            pass
+        spin = time.monotonic() - t0
+    rtts.sort()
+    return {
+        "rr_per_s": round(len(rtts) / seconds, 1),
+        "rr_p50_ms": round(rtts[len(rtts) // 2] * 1000, 2),
+        "rr_p99_ms": round(rtts[int(len(rtts) * 0.99)] * 1000, 2),
+        "bulk_bytes_per_s": round(bulk),
+        "spin_s": round(spin, 3),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="ftlab.client")
     p.add_argument("ip")
@@ -135,12 +173,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--echo-bytes", type=int, default=64 << 10)
     p.add_argument("--timeout", type=float, default=120, help="seconds to wait for the guest")
     p.add_argument("--follow", action="store_true", help="read the stream until SIGTERM")
+    p.add_argument("--measure", type=float, metavar="SECONDS", help="rates for bench/overhead")
     args = p.parse_args(argv)
     deadline = time.monotonic() + args.timeout
     result: dict = {"ip": args.ip}
     try:
         if args.follow:
             result["follow"] = follow(args.ip, deadline)
+        elif args.measure:
+            result["measure"] = measure(args.ip, args.measure, deadline)
         else:
             result["stream"] = stream_check(args.ip, args.stream_bytes, deadline)
             result["echo"] = echo_check(args.ip, args.echo_bytes, deadline)
