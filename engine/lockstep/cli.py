@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -31,8 +32,10 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--qmp", required=True, help="QMP socket of this side's QEMU")
     w.add_argument("--qemu-pid", type=int, required=True, help="PID of that QEMU (fenced with SIGKILL)")
     w.add_argument("--guest", required=True, help="guest name (names the VM's tap)")
-    for opt, default in (("interval", 0.1), ("timeout", 0.6), ("progress-timeout", 1.5)):
-        w.add_argument(f"--{opt}", type=float, default=default, help=f"seconds (default {default})")
+    for f in dataclasses.fields(watch.WatchConfig):
+        if f.type == "float":  # the tunable times
+            w.add_argument(f"--{f.name.replace('_', '-')}", type=float, default=f.default,
+                           help=f"seconds (default {f.default})")  # fmt: skip
     return p
 
 
@@ -44,11 +47,7 @@ def address(text: str) -> tuple[str, int]:
 
 
 def cmd_watch(args) -> int:
-    cfg = watch.WatchConfig(
-        pair=args.pair, generation=args.generation, role=args.role, me=args.me, listen=args.listen,
-        peer=args.peer, datastore=args.datastore, mode=args.mode, interval=args.interval,
-        timeout=args.timeout, progress_timeout=args.progress_timeout,
-    )  # fmt: skip
+    cfg = watch.WatchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(watch.WatchConfig)})
     verdict = asyncio.run(watch.run(cfg, args.qmp, args.qemu_pid, args.guest))
     print(verdict.to_json(), flush=True)
     return 0 if verdict.outcome == "live" else 3

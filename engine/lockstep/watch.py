@@ -13,7 +13,7 @@ When no heartbeat came for the timeout (or replication is stuck) the other side 
 this side races for the pair's token of this generation on the datastore (arbiter.claim):
 the winner goes live (a secondary takes over, a primary continues alone), the loser fences its
 own QEMU. A side that cannot reach the datastore within claim_timeout also fences itself: it
-never goes live. The secondary waits half a timeout before it claims, so that in a partition
+never goes live. The secondary waits secondary_delay before it claims, so that in a partition
 the primary - whose guest needs no rollback - normally wins.
 
 Every step is a JSON line on stdout; the last one is the verdict."""
@@ -48,9 +48,10 @@ class WatchConfig:
     datastore: Path
     mode: colo.Mode = colo.Mode.LOCKSTEP
     interval: float = 0.1
-    timeout: float = 0.6
+    timeout: float = 0.5
     progress_timeout: float = 1.5
     claim_timeout: float = 5.0
+    secondary_delay: float = 0.2  # the primary's head start in the race (two heartbeats' jitter)
 
     @property
     def peer_role(self) -> str:
@@ -126,7 +127,7 @@ async def watch(cfg: WatchConfig, vm: colo.Vm, qemu_pid: int) -> Verdict:
                 continue
             log("peer-lost", reason=reason, detail=detail)
             if cfg.role == "secondary":
-                await asyncio.sleep(cfg.timeout / 2)
+                await asyncio.sleep(cfg.secondary_delay)
                 if time.monotonic() - beats.last < cfg.timeout:
                     log("peer-back")
                     continue

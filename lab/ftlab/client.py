@@ -78,16 +78,22 @@ def stream_check(ip: str, nbytes: int, deadline: float) -> dict:
 def follow(ip: str, deadline: float, report_every: float = 1.0) -> dict:
     """Hold a stream connection open until SIGTERM, verifying every byte. Prints a JSON progress
     line each report_every seconds; returns the totals and the longest gap between two reads,
-    which is what a client sees of a failover."""
+    which is what a client sees of a failover. SIGUSR1 restarts the longest-gap count (the
+    pause in progress still counts whole)."""
     stop = False
+    max_gap, last = 0.0, None
 
     def on_term(*_):
         nonlocal stop
         stop = True
 
+    def on_mark(*_):
+        nonlocal max_gap
+        max_gap = 0.0
+
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGUSR1, on_mark)
     verifier = StreamVerifier()
-    max_gap, last = 0.0, None
     with connect(ip, STREAM_PORT, deadline) as s:
         s.settimeout(0.2)
         start = next_report = time.monotonic()

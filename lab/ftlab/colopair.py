@@ -89,7 +89,7 @@ class Pair:
         await asyncio.to_thread(client.wait_for_bytes, client.bytes + MiB, 60)  # flowing while replicated
         return client
 
-    def watch(self, timeout: float = 0.6) -> None:
+    def watch(self, timeout: float = 0.5) -> None:
         """Start each side's watcher (ftctl watch) inside its lab host, as lockstepd would run
         it: from now on the pair detects failures and fails over on its own."""
         self.id = f"{self.guest.name}-{time.time_ns()}"  # a fresh token for each run
@@ -114,6 +114,11 @@ class Pair:
             wait_for(f"the {role}'s watcher", started, 20)
             if proc.poll() is not None:
                 raise LabError(f"the {role}'s watcher did not start: {tail(log)}")
+
+    def events(self, role: str) -> list[dict]:
+        """What a side's watcher logged (JSON lines with "event" and "at")."""
+        lines = self.watchers[role][1].read_text().splitlines()
+        return [e for e in map(json.loads, (x for x in lines if x.startswith("{"))) if "event" in e]
 
     def watching(self) -> set[str]:
         """The sides whose watcher is still watching (has decided nothing)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -217,6 +218,11 @@ class StreamFollower:
                 raise LabError(f"the stream stalled at {self.bytes} bytes (waited for {n})")
             time.sleep(0.05)
         return self.bytes
+
+    def mark(self) -> None:
+        """From now on max_gap counts only pauses from here (and the one in progress): the
+        pause a failover causes, not the pause of entering replication."""
+        self.proc.send_signal(signal.SIGUSR1)
 
     def stop(self) -> dict:
         if self.proc.poll() is None:
