@@ -63,12 +63,14 @@ def cmd_probe(args) -> int:
     missing = caps.missing()
     if args.json:
         report = {"version": caps.version, "package": caps.package, "missing": missing,
-                  "accel": choice.accel, "accel_reason": choice.reason}  # fmt: skip
+                  "accel": choice.accel, "accel_reason": choice.reason,
+                  "mode": caps.default_mode(choice.accel)}  # fmt: skip
         print(json.dumps(report))
     else:
         verdict = "; ".join(missing) or "has everything an FT pair needs"
         print(f"QEMU {caps.build}: {verdict}")
         print(f"accelerator: {choice.accel} ({choice.reason})")
+        print(f"default mode: {caps.default_mode(choice.accel)}")
     return 0 if not missing else 1
 
 

@@ -44,7 +44,8 @@ class DataPlaneError(Exception):
 
 @dataclass(frozen=True)
 class Guest:
-    """What both sides run. The lab boots a kernel directly; a disk image is a later step."""
+    """What both sides run. The lab boots a kernel directly; disk_mib gives the guest a
+    replicated virtio disk (each host keeps its own copy, created empty on both sides)."""
 
     name: str
     mac: str
@@ -53,6 +54,7 @@ class Guest:
     kernel: str | None = None
     initrd: str | None = None
     cmdline: str = ""
+    disk_mib: int | None = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,10 @@ class Ports:
         return self.base + 5
 
     @property
+    def nbd(self) -> int:  # on the secondary: its disk, written by the primary's replication
+        return self.base + 9
+
+    @property
     def heartbeat(self) -> int:  # UDP, each side's watcher (watch.py)
         return self.base + 10
 
@@ -117,6 +123,35 @@ async def check_hosts(*hosts: Host) -> None:
 
 def tap_name(guest: Guest, role: str) -> str:
     return f"ft{role[0]}-{guest.name}"[:15]
+
+
+def disk_path(guest: Guest, host: Host, layer: str = "disk") -> Path:
+    """The guest's disk on a host; the secondary also has the active and hidden overlays of
+    block replication (QEMU's docs/block-replication.txt)."""
+    return host.run_dir / f"{guest.name}.{layer}.{'raw' if layer == 'disk' else 'qcow2'}"
+
+
+def disk_argv(guest: Guest, host: Host, role: str) -> list[str]:
+    """The disk behind a quorum node colo-disk0: on the primary its one child is the local disk
+    (replication to the secondary is added when replication starts); on the secondary the
+    local disk is written by the primary over NBD while the secondary VM sees it through
+    replication's overlays, which the failover commits."""
+    if not guest.disk_mib:
+        return []
+    disk = disk_path(guest, host)
+    quorum = "driver=quorum,read-pattern=fifo,vote-threshold=1,id=colo-disk0,if=none"
+    if role == "primary":
+        drives = [f"{quorum},children.0.file.filename={disk},children.0.driver=raw"]
+    else:
+        active, hidden = disk_path(guest, host, "active"), disk_path(guest, host, "hidden")
+        drives = [
+            f"if=none,id=parent0,file.filename={disk},driver=raw",
+            f"if=none,id=childs0,driver=replication,mode=secondary,top-id=colo-disk0,file.driver=qcow2,"
+            f"file.file.filename={active},file.backing.driver=qcow2,"
+            f"file.backing.file.filename={hidden},file.backing.backing=parent0",
+            f"{quorum},children.0=childs0",
+        ]
+    return [arg for d in drives for arg in ("-drive", d)] + ["-device", "virtio-blk-pci,drive=colo-disk0"]
 
 
 def _common_argv(guest: Guest, host: Host, role: str, tap: str) -> list[str]:
@@ -150,7 +185,7 @@ def _common_argv(guest: Guest, host: Host, role: str, tap: str) -> list[str]:
     ]
     if guest.kernel:
         argv += ["-kernel", guest.kernel, "-initrd", guest.initrd or "", "-append", guest.cmdline]
-    return argv
+    return argv + disk_argv(guest, host, role)
 
 
 def primary_argv(guest: Guest, host: Host, ports: Ports) -> list[str]:
@@ -210,6 +245,12 @@ class Vm:
         self.host.run("ip", "link", "set", tap, "master", self.host.bridge)
         if tap_up:
             self.host.run("ip", "link", "set", tap, "up")
+        if self.guest.disk_mib:  # a fresh, empty disk on both sides: identical at the start
+            size = f"{self.guest.disk_mib}M"
+            layers = ("disk", "active", "hidden") if self.role == "secondary" else ("disk",)
+            for layer in layers:
+                path = disk_path(self.guest, self.host, layer)
+                self.host.run("qemu-img", "create", "-q", "-f", path.suffix[1:], str(path), size)
         self.qmp_path.unlink(missing_ok=True)
         self.log = self.host.run_dir / f"{self.guest.name}.{self.role}.log"
         with open(self.log, "wb") as out:
@@ -269,6 +310,14 @@ async def enter_colo(
     once the primary reports migration status 'colo'."""
     colo = {"capabilities": [{"capability": "x-colo", "state": True}]}
     await secondary.execute("migrate-set-capabilities", colo)
+    if primary.guest.disk_mib:  # the primary's writes go to the secondary's disk too, over NBD
+        nbd = {"type": "inet", "data": {"host": secondary.host.ft_ip, "port": str(ports.nbd)}}
+        await secondary.execute("nbd-server-start", {"addr": nbd})
+        await secondary.execute("nbd-server-add", {"device": "parent0", "writable": True})
+        await hmp(primary, f"drive_add -n buddy driver=replication,mode=primary,file.driver=nbd,"
+                           f"file.host={secondary.host.ft_ip},file.port={ports.nbd},file.export=parent0,"
+                           f"node-name=replication0")  # fmt: skip
+        await primary.execute("x-blockdev-change", {"parent": "colo-disk0", "node": "replication0"})
     for f in colo_filters(mode):
         await primary.execute("object-add", f)
     await primary.execute("migrate-set-capabilities", colo)
@@ -285,6 +334,8 @@ async def enter_colo(
 async def secondary_takeover(secondary: Vm, mode: Mode) -> None:
     """The primary is lost: the secondary leaves replication, joins the VM network and runs on.
     The caller must have won the split-brain token first (arbiter.claim)."""
+    if secondary.guest.disk_mib:
+        await secondary.execute("nbd-server-stop")
     await secondary.execute("x-colo-lost-heartbeat")
     if mode is Mode.LOCKSTEP:
         for obj in ("f2", "f1"):
@@ -304,9 +355,19 @@ async def secondary_takeover(secondary: Vm, mode: Mode) -> None:
 
 async def primary_continue_alone(primary: Vm, mode: Mode) -> None:
     """The secondary is lost: the primary drops its COLO filters and runs unprotected."""
+    if primary.guest.disk_mib:  # stop writing to the lost secondary's disk
+        await primary.execute("x-blockdev-change", {"parent": "colo-disk0", "child": "children.1"})
+        await hmp(primary, "drive_del replication0")
     for f in reversed(colo_filters(mode)):  # colo-compare before the iothread it runs in
         await primary.execute("object-del", {"id": f["id"]})
     await primary.execute("x-colo-lost-heartbeat")
+
+
+async def hmp(vm: Vm, command: str) -> None:
+    """An HMP command (drive_add/drive_del of a replication node have no QMP form in 7.2)."""
+    out = await vm.execute("human-monitor-command", {"command-line": command})
+    if out.strip():
+        raise DataPlaneError(f"{vm.role}: {command}: {out.strip()}")
 
 
 async def announce(vm: Vm) -> None:

@@ -29,6 +29,19 @@ class Capabilities:
     drivers: frozenset[str]
 
     @property
+    def passive_secondary(self) -> bool:
+        """Whether this build keeps a secondary started with -S passive (checkpoint mode): the
+        lab's QEMU (lab/qemu/build, "+ft-" in its package string) does; stock 7.2 runs it."""
+        return "+ft-" in self.package
+
+    def default_mode(self, accel: str) -> str:
+        """lockstep (COLO compare) where both sides run at native speed; under TCG a running
+        secondary cannot keep pace, so checkpoint mode where this build supports it."""
+        if accel == "kvm" or not self.passive_secondary:
+            return "lockstep"
+        return "checkpoint"
+
+    @property
     def build(self) -> str:
         return f"{self.version} ({self.package})" if self.package else self.version
 

@@ -20,6 +20,7 @@ def test_ftctl_probe_reports_qemu_and_accelerator(capsys):
     out = capsys.readouterr().out
     assert "has everything an FT pair needs" in out
     assert "accelerator: tcg (set to tcg)" in out
+    assert "default mode: lockstep" in out  # stock Debian QEMU: no passive secondary
 
 
 def test_ftctl_probe_refuses_a_bad_accelerator_setting(capsys):

@@ -14,6 +14,7 @@ import signal
 import pytest
 
 from ftlab.colopair import MiB, Pair, cut_links, lab_host, lab_qemu
+from ftlab.guest import client_run
 from lockstep import colo
 
 pytestmark = [pytest.mark.lab, pytest.mark.vm, pytest.mark.slow]
@@ -62,16 +63,24 @@ def test_primary_killed_and_cut_off_secondary_goes_live_byte_exact(lab, qemu, mo
     run(scenario)
 
 
+def disk_roundtrip(pair: Pair, seed: int) -> None:
+    """Write 4 MiB of a seeded pattern to the guest's disk, then read it back past the cache."""
+    for op in ("--disk-write", "--disk-read"):
+        result = client_run(pair.ip, op, str(4 * MiB), "--seed", str(seed))
+        assert result["ok"], result
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_secondary_killed_primary_continues_alone_byte_exact(lab, qemu, mode):
     async def scenario():
-        pair = Pair(qemu, mode)
+        pair = Pair(qemu, mode, disk_mib=16)
         try:
             client = await pair.start()
             pair.watch()
             pair.secondary.kill()
             verdict = pair.verdict("primary")
             assert (verdict["outcome"], verdict["state"]) == ("live", "need_secondary"), verdict
+            disk_roundtrip(pair, seed=3)  # its disk, without the lost secondary's replica
             await stream_survives(pair, client, pair.primary)
         finally:
             await pair.close()
@@ -132,4 +141,29 @@ def test_hosts_with_different_qemu_builds_are_refused_before_anything_starts(lab
             await pair.start()
         assert pair.primary.proc is None and pair.secondary.proc is None  # nothing started
 
+    run(scenario)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_disk_writes_survive_the_primary_and_the_new_primary_keeps_writing(lab, qemu, mode):
+    """Block replication: what the guest wrote and synced before the failover is on the new
+    primary's disk (read past the guest's page cache), and the disk works after it."""
+
+    async def scenario():
+        try:
+            client = await pair.start()
+            assert client_run(pair.ip, "--disk-write", str(4 * MiB), "--seed", "1")["ok"]
+            pair.watch()
+            pair.primary.kill()
+            cut_links(1)
+            assert pair.verdict("secondary")["outcome"] == "live"
+            result = client_run(pair.ip, "--disk-read", str(4 * MiB), "--seed", "1")
+            assert result["ok"], result
+            disk_roundtrip(pair, seed=2)
+            await stream_survives(pair, client, pair.secondary)
+        finally:
+            cut_links(1, up=True)
+            await pair.close()
+
+    pair = Pair(qemu, mode, disk_mib=16)
     run(scenario)

@@ -46,3 +46,11 @@ def test_hosts_with_different_builds_are_refused(system_qemu):
 def test_something_that_is_not_a_working_qemu_gets_a_clear_error(qemu, message):
     with pytest.raises(ProbeError, match=message):
         probe(qemu, timeout=5)
+
+
+def test_the_default_mode_is_lockstep_on_kvm_and_checkpoint_under_tcg_where_the_build_can(system_qemu):
+    lab_build = dataclasses.replace(system_qemu, package=system_qemu.package + " +ft-545da61003a0")
+    assert not system_qemu.passive_secondary and lab_build.passive_secondary
+    assert lab_build.default_mode("kvm") == "lockstep"
+    assert lab_build.default_mode("tcg") == "checkpoint"
+    assert system_qemu.default_mode("tcg") == "lockstep"  # stock 7.2 would run a -S secondary

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import signal
 import socket
 import sys
@@ -18,6 +19,8 @@ import time
 STREAM_PORT = 19
 ECHO_PORT = 7
 SPIN_PORT = 9
+DISK_IN_PORT = 5
+DISK_OUT_PORT = 6
 LINE = 12  # bytes per stream line: 11 digits and a newline
 
 
@@ -172,6 +175,36 @@ def measure(ip: str, seconds: float, deadline: float) -> dict:
     }
 
 
+def disk_pattern(nbytes: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(nbytes)
+
+
+def disk_write(ip: str, nbytes: int, seed: int, deadline: float) -> dict:
+    """Write nbytes of a seeded pattern to the start of the guest's disk; the guest syncs."""
+    with connect(ip, DISK_IN_PORT, deadline) as s:
+        s.settimeout(120)
+        s.sendall(disk_pattern(nbytes, seed))
+        s.shutdown(socket.SHUT_WR)
+        reply = s.recv(64)
+    if reply.strip() != b"written":
+        raise StreamMismatch(f"the guest did not confirm the write: {reply!r}")
+    return {"bytes": nbytes, "seed": seed}
+
+
+def disk_read(ip: str, nbytes: int, seed: int, deadline: float) -> dict:
+    """Read the start of the guest's disk (past its page cache) and compare with the pattern."""
+    got = bytearray()
+    with connect(ip, DISK_OUT_PORT, deadline) as s:
+        s.settimeout(120)
+        while len(got) < nbytes and (data := s.recv(65536)):
+            got += data
+    want = disk_pattern(nbytes, seed)
+    if bytes(got[:nbytes]) != want:
+        at = next((i for i in range(min(len(got), nbytes)) if got[i] != want[i]), len(got))
+        raise StreamMismatch(f"disk byte {at} differs from what was written (read {len(got)} bytes)")
+    return {"bytes": nbytes, "seed": seed}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="ftlab.client")
     p.add_argument("ip")
@@ -180,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=120, help="seconds to wait for the guest")
     p.add_argument("--follow", action="store_true", help="read the stream until SIGTERM")
     p.add_argument("--measure", type=float, metavar="SECONDS", help="rates for bench/overhead")
+    p.add_argument("--disk-write", type=int, metavar="BYTES", help="write a seeded pattern to the disk")
+    p.add_argument("--disk-read", type=int, metavar="BYTES", help="check the disk holds the pattern")
+    p.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)
     deadline = time.monotonic() + args.timeout
     result: dict = {"ip": args.ip}
@@ -188,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
             result["follow"] = follow(args.ip, deadline)
         elif args.measure:
             result["measure"] = measure(args.ip, args.measure, deadline)
+        elif args.disk_write:
+            result["disk_write"] = disk_write(args.ip, args.disk_write, args.seed, deadline)
+        elif args.disk_read:
+            result["disk_read"] = disk_read(args.ip, args.disk_read, args.seed, deadline)
         else:
             result["stream"] = stream_check(args.ip, args.stream_bytes, deadline)
             result["echo"] = echo_check(args.ip, args.echo_bytes, deadline)

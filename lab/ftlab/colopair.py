@@ -56,12 +56,14 @@ def tail(path: Path) -> str:
 class Pair:
     """Primary on lab-h1, secondary on lab-h2, the guest at 10.77.3.100."""
 
-    def __init__(self, qemu: str, mode: colo.Mode, checkpoint_ms: int = 100) -> None:
+    def __init__(
+        self, qemu: str, mode: colo.Mode, checkpoint_ms: int = 100, disk_mib: int | None = None
+    ) -> None:
         image = lab_guest.build_image()
         self.ip = t.guest_ip(0)
         self.guest = colo.Guest(
             name="ftpair", mac=t.guest_mac(0), kernel=f"{image}/vmlinuz", initrd=f"{image}/initrd.img",
-            cmdline=f"console=ttyS0 ft.ip={self.ip}/24",
+            cmdline=f"console=ttyS0 ft.ip={self.ip}/24", disk_mib=disk_mib,
         )  # fmt: skip
         self.mode, self.checkpoint_ms = mode, checkpoint_ms
         self.ports = colo.Ports()

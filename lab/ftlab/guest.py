@@ -105,13 +105,18 @@ def client_check(
     ip: str, stream_bytes: int = 1 << 20, echo_bytes: int = 64 << 10, timeout: float = 120
 ) -> dict:
     """Run the byte check from the client namespace; return its JSON result."""
-    cmd, env = client_command(ip, "--stream-bytes", str(stream_bytes), "--echo-bytes",
-                              str(echo_bytes), "--timeout", str(timeout))  # fmt: skip
+    return client_run(ip, "--stream-bytes", str(stream_bytes), "--echo-bytes", str(echo_bytes),
+                      "--timeout", str(timeout))  # fmt: skip
+
+
+def client_run(ip: str, *args: str) -> dict:
+    """Run ftlab.client with these arguments in the client namespace; its JSON result."""
+    cmd, env = client_command(ip, *args)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     try:
         return json.loads(proc.stdout)
     except json.JSONDecodeError:
-        raise LabError(f"the client check printed no result: {proc.stderr.strip()}") from None
+        raise LabError(f"the client printed no result: {proc.stderr.strip()}") from None
 
 
 def print_check(result: dict) -> None:
