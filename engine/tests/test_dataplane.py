@@ -13,7 +13,7 @@ import signal
 
 import pytest
 
-from ftlab.colopair import MiB, Pair, cut_links, lab_host, lab_qemu
+from ftlab.colopair import MiB, Pair, lab_host, lab_qemu
 from ftlab.guest import client_run
 from lockstep import colo
 
@@ -47,18 +47,14 @@ def gone(vm: colo.Vm) -> bool:
 @pytest.mark.parametrize("mode", MODES)
 def test_primary_killed_and_cut_off_secondary_goes_live_byte_exact(lab, qemu, mode):
     async def scenario():
-        pair = Pair(qemu, mode)
-        try:
+        async with Pair(qemu, mode) as pair:
             client = await pair.start()
             pair.watch()
             pair.primary.kill()
-            cut_links(1)
+            pair.cut_off(pair.primary)
             verdict = pair.verdict("secondary")
             assert (verdict["outcome"], verdict["state"]) == ("live", "need_secondary"), verdict
             await stream_survives(pair, client, pair.secondary)
-        finally:
-            cut_links(1, up=True)
-            await pair.close()
 
     run(scenario)
 
@@ -73,8 +69,7 @@ def disk_roundtrip(pair: Pair, seed: int) -> None:
 @pytest.mark.parametrize("mode", MODES)
 def test_secondary_killed_primary_continues_alone_byte_exact(lab, qemu, mode):
     async def scenario():
-        pair = Pair(qemu, mode, disk_mib=16)
-        try:
+        async with Pair(qemu, mode, disk_mib=16) as pair:
             client = await pair.start()
             pair.watch()
             pair.secondary.kill()
@@ -82,16 +77,13 @@ def test_secondary_killed_primary_continues_alone_byte_exact(lab, qemu, mode):
             assert (verdict["outcome"], verdict["state"]) == ("live", "need_secondary"), verdict
             disk_roundtrip(pair, seed=3)  # its disk, without the lost secondary's replica
             await stream_survives(pair, client, pair.primary)
-        finally:
-            await pair.close()
 
     run(scenario)
 
 
 def test_hung_primary_is_fenced_and_secondary_goes_live(lab, qemu):
     async def scenario():
-        pair = Pair(qemu, colo.Mode.LOCKSTEP)
-        try:
+        async with Pair(qemu, colo.Mode.LOCKSTEP) as pair:
             client = await pair.start()
             pair.watch()
             os.kill(pair.primary.proc.pid, signal.SIGSTOP)
@@ -100,21 +92,18 @@ def test_hung_primary_is_fenced_and_secondary_goes_live(lab, qemu):
             assert secondary["outcome"] == "live", secondary
             assert gone(pair.primary)  # SIGKILLed while stopped: it can never wake up and send
             await stream_survives(pair, client, pair.secondary)
-        finally:
-            await pair.close()
 
     run(scenario)
 
 
 def test_partition_exactly_one_side_continues_decided_by_the_datastore(lab, qemu):
     async def scenario():
-        pair = Pair(qemu, colo.Mode.LOCKSTEP)
-        try:
+        async with Pair(qemu, colo.Mode.LOCKSTEP) as pair:
             client = await pair.start()
             pair.watch()
             await asyncio.to_thread(client.wait_for_bytes, client.bytes + MiB, 60)
             assert pair.watching() == {"primary", "secondary"}  # no failover while nothing failed
-            cut_links(1, which=("ft",))  # the FT-logging link only: both sides alive
+            pair.cut_off(pair.primary, which=("ft",))  # the FT-logging link only: both sides alive
             verdicts = {role: pair.verdict(role) for role in ("primary", "secondary")}
             outcomes = sorted(v["outcome"] for v in verdicts.values())
             assert outcomes == ["fenced", "live"], verdicts
@@ -126,9 +115,6 @@ def test_partition_exactly_one_side_continues_decided_by_the_datastore(lab, qemu
                 survivor, fenced = fenced, survivor
             assert gone(fenced) and not gone(survivor)
             await stream_survives(pair, client, survivor)
-        finally:
-            cut_links(1, up=True, which=("ft",))
-            await pair.close()
 
     run(scenario)
 
@@ -150,20 +136,16 @@ def test_disk_writes_survive_the_primary_and_the_new_primary_keeps_writing(lab, 
     primary's disk (read past the guest's page cache), and the disk works after it."""
 
     async def scenario():
-        try:
+        async with Pair(qemu, mode, disk_mib=16) as pair:
             client = await pair.start()
             assert client_run(pair.ip, "--disk-write", str(4 * MiB), "--seed", "1")["ok"]
             pair.watch()
             pair.primary.kill()
-            cut_links(1)
+            pair.cut_off(pair.primary)
             assert pair.verdict("secondary")["outcome"] == "live"
             result = client_run(pair.ip, "--disk-read", str(4 * MiB), "--seed", "1")
             assert result["ok"], result
             disk_roundtrip(pair, seed=2)
             await stream_survives(pair, client, pair.secondary)
-        finally:
-            cut_links(1, up=True)
-            await pair.close()
 
-    pair = Pair(qemu, mode, disk_mib=16)
     run(scenario)

@@ -43,9 +43,8 @@ def lab_host(index: int, qemu: str) -> colo.Host:
     )  # fmt: skip
 
 
-def cut_links(index: int, up: bool = False, which: tuple[str, ...] = ("ft", "vm")) -> None:
-    """Take a host off the FT-logging and VM networks (its root-side veth ends), or back on."""
-    for link in (f"ftl-h{index}-{name}" for name in which):
+def set_links(links: list[str], up: bool) -> None:
+    for link in links:
         subprocess.run(["ip", "link", "set", link, "up" if up else "down"], check=True)
 
 
@@ -71,6 +70,20 @@ class Pair:
         self.secondary = colo.Vm(self.guest, lab_host(2, qemu), "secondary")
         self.watchers: dict[str, tuple[subprocess.Popen, Path]] = {}
         self.id: str | None = None
+        self.cut: list[str] = []  # links taken down, put back up by close()
+
+    async def __aenter__(self) -> Pair:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    def cut_off(self, vm: colo.Vm, which: tuple[str, ...] = ("ft", "vm")) -> None:
+        """Take a side's host off the FT-logging and VM networks (its root-side veth ends)."""
+        index = 1 if vm is self.primary else 2
+        links = [f"ftl-h{index}-{name}" for name in which]
+        self.cut += links
+        set_links(links, up=False)
 
     async def boot(self) -> None:
         """Probe both hosts, start the secondary waiting and boot the primary, unprotected."""
@@ -140,6 +153,8 @@ class Pair:
             raise LabError(f"the {role}'s watcher ended without a verdict: {tail(log)}") from None
 
     async def close(self) -> None:
+        set_links(self.cut, up=True)
+        self.cut = []
         for proc, _ in self.watchers.values():
             proc.kill()
             proc.wait()
