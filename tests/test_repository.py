@@ -29,3 +29,20 @@ def test_python_code_is_formatted_and_lint_clean():
     assert lint.returncode == 0, lint.stdout
     fmt = subprocess.run([VENV / "ruff", "format", "--check", "."], cwd=REPO, capture_output=True, text=True)
     assert fmt.returncode == 0, fmt.stdout
+
+
+def test_ansible_content_passes_ansible_lint_production_profile():
+    lint = subprocess.run(
+        [VENV / "ansible-lint", "--offline", "--profile", "production", "playbooks/"],
+        cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+
+
+def test_the_collection_ships_its_modules_with_their_documentation():
+    r = subprocess.run(
+        [VENV / "ansible-doc", "ft.lockstep.vt_host_info"],
+        cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "require_kvm" in r.stdout and "RETURN VALUES" in r.stdout

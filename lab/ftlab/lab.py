@@ -359,6 +359,7 @@ def write_inventory(hosts: list[t.Host]) -> None:
                 "ft_datastore_path": str(t.DATASTORE),
                 "ft_nfs_server": t.STORAGE_IP,
                 "ft_iscsi_target": t.ISCSI_IQN,
+                "ft_require_kvm": False,  # the lab runs its guests under TCG (shared/LAB-FACTS.md)
             },
         }
     }
