@@ -334,7 +334,7 @@ async def enter_colo(
 async def secondary_takeover(secondary: Vm, mode: Mode) -> None:
     """The primary is lost: the secondary leaves replication, joins the VM network and runs on.
     The caller must have won the split-brain token first (arbiter.claim)."""
-    if secondary.guest.disk_mib:
+    if await secondary.execute("query-block-exports"):  # its disk was written over NBD until now
         await secondary.execute("nbd-server-stop")
     await secondary.execute("x-colo-lost-heartbeat")
     if mode is Mode.LOCKSTEP:
@@ -355,12 +355,20 @@ async def secondary_takeover(secondary: Vm, mode: Mode) -> None:
 
 async def primary_continue_alone(primary: Vm, mode: Mode) -> None:
     """The secondary is lost: the primary drops its COLO filters and runs unprotected."""
-    if primary.guest.disk_mib:  # stop writing to the lost secondary's disk
+    if await has_block_node(primary, "replication0"):  # stop writing to the lost secondary's disk
         await primary.execute("x-blockdev-change", {"parent": "colo-disk0", "child": "children.1"})
         await hmp(primary, "drive_del replication0")
     for f in reversed(colo_filters(mode)):  # colo-compare before the iothread it runs in
         await primary.execute("object-del", {"id": f["id"]})
     await primary.execute("x-colo-lost-heartbeat")
+
+
+async def has_block_node(vm: Vm, name: str) -> bool:
+    """Whether the VM's block graph has this node. The failover steps follow what the running
+    QEMU has (its nodes, its NBD exports), so whoever drives them - the driver, a watcher -
+    needs no copy of the guest's configuration."""
+    nodes = await vm.execute("query-named-block-nodes", {"flat": True})
+    return any(n.get("node-name") == name for n in nodes)
 
 
 async def hmp(vm: Vm, command: str) -> None:

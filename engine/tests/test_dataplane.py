@@ -75,6 +75,7 @@ def test_secondary_killed_primary_continues_alone_byte_exact(lab, qemu, mode):
             pair.secondary.kill()
             verdict = pair.verdict("primary")
             assert (verdict["outcome"], verdict["state"]) == ("live", "need_secondary"), verdict
+            assert not await colo.has_block_node(pair.primary, "replication0")  # replica dropped
             disk_roundtrip(pair, seed=3)  # its disk, without the lost secondary's replica
             await stream_survives(pair, client, pair.primary)
 
@@ -143,6 +144,8 @@ def test_disk_writes_survive_the_primary_and_the_new_primary_keeps_writing(lab, 
             pair.primary.kill()
             pair.cut_off(pair.primary)
             assert pair.verdict("secondary")["outcome"] == "live"
+            exports = await pair.secondary.execute("query-block-exports")
+            assert all(e["shutting-down"] for e in exports), exports  # the NBD server is stopped
             result = client_run(pair.ip, "--disk-read", str(4 * MiB), "--seed", "1")
             assert result["ok"], result
             disk_roundtrip(pair, seed=2)
