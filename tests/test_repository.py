@@ -46,3 +46,11 @@ def test_the_collection_ships_its_modules_with_their_documentation():
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "require_kvm" in r.stdout and "RETURN VALUES" in r.stdout
+
+
+def test_the_collection_passes_ansible_test_sanity():
+    sanity = subprocess.run(
+        [VENV / "ansible-test", "sanity", "--python", "3.11"],
+        cwd=COLLECTION, capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
+    assert sanity.returncode == 0, sanity.stdout[-3000:] + sanity.stderr[-3000:]

@@ -21,7 +21,7 @@ def parse_cpuinfo(text):
     """(vendor, flags) of the first CPU in /proc/cpuinfo."""
     vendor, flags = None, set()
     for line in text.splitlines():
-        key, _, value = line.partition(":")
+        key, _sep, value = line.partition(":")
         key = key.strip()
         if key == "vendor_id" and vendor is None:
             vendor = value.strip()

@@ -17,7 +17,7 @@ description:
     fails on them, so a play can gather every host first and assert afterwards.
   - Changes nothing on the host.
 author:
-  - ft developers
+  - ft developers (@ft-lockstep)
 options:
   qemu:
     description: The QEMU binary whose version is reported.
@@ -31,8 +31,10 @@ options:
     default: true
 attributes:
   check_mode:
+    description: Reads only; check mode returns the same facts.
     support: full
   diff_mode:
+    description: Nothing changes, so there is no diff.
     support: none
 """
 
