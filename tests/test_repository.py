@@ -6,6 +6,8 @@ import subprocess
 import tarfile
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 VENV = REPO / ".venv" / "bin"
 COLLECTION = REPO / "collections" / "ansible_collections" / "ft" / "lockstep"
@@ -39,13 +41,15 @@ def test_ansible_content_passes_ansible_lint_production_profile():
     assert lint.returncode == 0, lint.stdout + lint.stderr
 
 
-def test_the_collection_ships_its_modules_with_their_documentation():
-    r = subprocess.run(
-        [VENV / "ansible-doc", "ft.lockstep.vt_host_info"],
-        cwd=REPO, capture_output=True, text=True,
-    )  # fmt: skip
+@pytest.mark.parametrize(
+    "module, option",
+    [("vt_host_info", "require_kvm"), ("ft_network", "vm_interfaces"), ("ft_storage", "same_datastore_as")],
+)
+def test_the_collection_ships_its_modules_with_their_documentation(module, option):
+    doc = [VENV / "ansible-doc", f"ft.lockstep.{module}"]
+    r = subprocess.run(doc, cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "require_kvm" in r.stdout and "RETURN VALUES" in r.stdout
+    assert option in r.stdout and "RETURN VALUES" in r.stdout
 
 
 def test_the_collection_passes_ansible_test_sanity():
