@@ -308,27 +308,71 @@ async def enter_colo(
 ) -> None:
     """Copy the running primary to the waiting secondary and keep them in replication; returns
     once the primary reports migration status 'colo'."""
-    colo = {"capabilities": [{"capability": "x-colo", "state": True}]}
-    await secondary.execute("migrate-set-capabilities", colo)
-    if primary.guest.disk_mib:  # the primary's writes go to the secondary's disk too, over NBD
+    await prepare_secondary(secondary, ports)
+    await start_replication(primary, secondary.host.ft_ip, ports, checkpoint_ms, mode, timeout)
+
+
+async def prepare_secondary(secondary: Vm, ports: Ports) -> None:
+    """The waiting secondary's side of entering replication (on its own host)."""
+    await secondary.execute("migrate-set-capabilities", COLO_CAPABILITY)
+    if secondary.guest.disk_mib:  # the primary's writes go to the secondary's disk too, over NBD
         nbd = {"type": "inet", "data": {"host": secondary.host.ft_ip, "port": str(ports.nbd)}}
         await secondary.execute("nbd-server-start", {"addr": nbd})
         await secondary.execute("nbd-server-add", {"device": "parent0", "writable": True})
+
+
+async def start_replication(
+    primary: Vm, secondary_ip: str, ports: Ports, checkpoint_ms: int, mode: Mode, timeout: float = 120.0
+) -> None:
+    """The primary's side: replicate the disk, add the filters, start checkpointing."""
+    if primary.guest.disk_mib:
         await hmp(primary, f"drive_add -n buddy driver=replication,mode=primary,file.driver=nbd,"
-                           f"file.host={secondary.host.ft_ip},file.port={ports.nbd},file.export=parent0,"
+                           f"file.host={secondary_ip},file.port={ports.nbd},file.export=parent0,"
                            f"node-name=replication0")  # fmt: skip
         await primary.execute("x-blockdev-change", {"parent": "colo-disk0", "node": "replication0"})
+    await add_primary_chardevs(primary, ports, mode)
+    objects = {o["name"] for o in await primary.execute("qom-list", {"path": "/objects"})}
     for f in colo_filters(mode):
+        if "rew0" in objects and f["qom-type"].startswith("filter-"):  # a former lockstep secondary:
+            f = f | {"insert": "before", "position": "id=rew0"}  # its rewriter stays last
         await primary.execute("object-add", f)
-    await primary.execute("migrate-set-capabilities", colo)
+    await primary.execute("migrate-set-capabilities", COLO_CAPABILITY)
     await primary.execute("migrate-set-parameters", {"x-checkpoint-delay": checkpoint_ms})
-    await primary.execute("migrate", {"uri": f"tcp:{secondary.host.ft_ip}:{ports.migrate}"})
+    await primary.execute("migrate", {"uri": f"tcp:{secondary_ip}:{ports.migrate}"})
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while (status := (await primary.execute("query-migrate")).get("status")) != "colo":
         if status in ("failed", "cancelled", "completed") or loop.time() > deadline:
             raise DataPlaneError(f"replication did not start: migration {status}")
         await asyncio.sleep(0.2)
+
+
+COLO_CAPABILITY = {"capabilities": [{"capability": "x-colo", "state": True}]}
+
+
+def _socket(host: str, port: int, server: bool) -> dict:
+    addr = {"type": "inet", "data": {"host": host, "port": str(port)}}
+    data = {"addr": addr, "server": server} | ({"wait": False} if server else {})
+    return {"type": "socket", "data": data}
+
+
+async def add_primary_chardevs(vm: Vm, ports: Ports, mode: Mode) -> None:
+    """The sockets the COLO filters of a primary use. A VM started as primary has them from its
+    command line; a former secondary about to protect itself again (re-protection after a
+    failover) gets them here, as QEMU's docs/COLO-FT.txt describes."""
+    have = {c["label"] for c in await vm.execute("query-chardev")}
+    ip = vm.host.ft_ip
+    wanted = [
+        ("mirror0", ip, ports.mirror, True),
+        ("compare1", ip, ports.compare, True),
+        ("compare0", "127.0.0.1", ports.local_in, True),
+        ("compare0-0", "127.0.0.1", ports.local_in, False),
+        ("compare_out", "127.0.0.1", ports.local_out, True),
+        ("compare_out0", "127.0.0.1", ports.local_out, False),
+    ]
+    for label, host, port, server in wanted:
+        if label not in have and (mode is Mode.LOCKSTEP or label != "mirror0"):
+            await vm.execute("chardev-add", {"id": label, "backend": _socket(host, port, server)})
 
 
 async def secondary_takeover(secondary: Vm, mode: Mode) -> None:

@@ -1,0 +1,184 @@
+"""lockstepd's parts without VMs: the configuration check, placement, and the API's request
+handling (auth, limits, a fuzzed parser) on a real socket with a stand-in dispatcher."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import random
+import socket
+import threading
+import time
+
+import pytest
+
+from lockstep import api, config, placement
+from lockstep.records import Record, Side
+from lockstep.state import FtState
+
+BASE = {
+    "host": "h1",
+    "hosts": {"h1": "10.0.2.1", "h2": "10.0.2.2", "h3": "10.0.2.3"},
+    "datastore": "/ds",
+    "run_dir": "/run/ft",
+    "socket": "/run/lockstepd.sock",
+    "secret": "0123456789abcdef",
+}
+
+
+def test_a_valid_configuration_loads_with_its_defaults():
+    cfg = config.parse(BASE)
+    assert cfg.ft_ip == "10.0.2.1" and cfg.caps == config.Caps(4, 8, 0) and cfg.secret == b"0123456789abcdef"
+
+
+def test_every_configuration_problem_is_named_at_once():
+    bad = {k: v for k, v in BASE.items() if k != "socket"} | {
+        "host": "h9", "hosts": {"h1": "10.0.2.1", "h2": "not-an-ip"}, "secret": "short", "mode": "fast",
+        "caps": {"max_vms": -1}, "colour": "blue",
+    }  # fmt: skip
+    with pytest.raises(config.ConfigError) as e:
+        config.parse(bad, "lockstepd.yml")
+    message = str(e.value)
+    for part in (
+        "unknown setting 'colour'",
+        "socket is required",
+        "hosts.h2: 'not-an-ip' is not an IP address",
+        "host 'h9' is not one of hosts",
+        "at least 16 characters",
+        "mode must be auto, lockstep or",
+        "caps.max_vms must be a whole number >= 0",
+    ):
+        assert part in message, message
+    with pytest.raises(config.ConfigError, match="expected a mapping"):
+        config.parse(["h1"])
+
+
+def record(
+    name: str, primary: str, secondary: str | None = None, memory: int = 256, vcpus: int = 1
+) -> Record:
+    second = Side(secondary, "secondary") if secondary else None
+    guest = {"memory_mib": memory, "vcpus": vcpus}
+    return Record(
+        name=name, guest=guest, primary=Side(primary, "primary"), secondary=second, state=FtState.RUNNING
+    )
+
+
+def hosts(**free) -> list[placement.HostInfo]:
+    return [placement.HostInfo(name, mib) for name, mib in free.items()]
+
+
+def test_placement_never_picks_the_primarys_host_and_prefers_the_least_loaded():
+    new = record("vm", "h1")
+    existing = {"a": record("a", "h2", "h3"), "b": record("b", "h1", "h2")}
+    assert placement.choose(hosts(h1=9000, h2=9000, h3=9000), new, existing, config.Caps()) == ("h3", [])
+    assert placement.choose(hosts(h1=9000), new, {}, config.Caps()) == (None, ["h1 runs the primary"])
+
+
+def test_placement_honours_the_preferred_host_memory_and_every_cap():
+    new = record("vm", "h1", memory=1024, vcpus=2)
+    new.preferred_secondary = "h2"
+    assert placement.choose(hosts(h2=4096, h3=8000), new, {}, config.Caps())[0] == "h2"
+    host, why = placement.choose(hosts(h2=2000, h3=-1), new, {}, config.Caps())
+    assert host is None and why == ["h2 has 2000 MiB free, the secondary needs 2048", "h3 did not answer"]
+    busy = {str(i): record(str(i), "h2", vcpus=2) for i in range(4)}
+    host, why = placement.choose(hosts(h2=9000), new, busy, config.Caps())
+    assert why == ["h2 already runs 4 FT VMs (cap 4)", "h2 already runs 8 FT vCPUs (cap 8)"]
+    assert placement.choose(hosts(h2=9000), new, busy, config.Caps(0, 0, 0))[0] == "h2"  # 0: no cap
+    host, why = placement.choose(hosts(h2=9000), new, {}, config.Caps(ft_bandwidth_mbps=500))
+    assert why == ["h2's FT-logging budget of 500 Mb/s is used up (0)"]
+
+
+def test_turning_ft_on_counts_the_primary_against_its_hosts_cap():
+    existing = {str(i): record(str(i), "h1", "h2") for i in range(4)}
+    assert placement.admit("h1", {"vcpus": 1}, existing, config.Caps(), "new") == [
+        "h1 already runs 4 FT VMs (cap 4)"
+    ]
+    assert placement.admit("h3", {"vcpus": 1}, existing, config.Caps(), "new") == []
+    off = {"x": record("x", "h3")}
+    off["x"].state = FtState.NOT_CONFIGURED  # a VM without FT is not an FT VM
+    assert placement.admit("h3", {"vcpus": 1}, off, config.Caps(max_vms=1), "new") == []
+
+
+@pytest.fixture
+def server(tmp_path):
+    calls = []
+
+    def dispatch(method, path, body, peer):
+        calls.append((method, path, body, peer))
+        if path == "/boom":
+            raise RuntimeError("a bug")
+        return 200, {"ok": True}
+
+    path = tmp_path / "api.sock"
+    unix = api.serve_unix(path, dispatch)
+    peer = api.serve_peer(("127.0.0.1", 0), dispatch, b"s" * 16)
+    yield path, peer.server_address, calls
+    unix.shutdown()
+    peer.shutdown()
+
+
+def test_the_local_socket_is_root_only_and_answers_json(server):
+    path, _peer, calls = server
+    assert os.stat(path).st_mode & 0o077 == 0  # nobody but its owner (root)
+    assert api.local(path, "POST", "/x", {"a": 1}) == (200, {"ok": True})
+    assert calls == [("POST", "/x", {"a": 1}, False)]
+    assert api.local(path, "GET", "/boom") == (500, {"error": "RuntimeError: a bug"})
+
+
+def test_peers_must_sign_with_the_secret_recently(server):
+    _path, peer, calls = server
+    assert api.peer(peer, b"s" * 16, "POST", "/peer/x", {"b": 2}) == {"ok": True}
+    assert calls == [("POST", "/peer/x", {"b": 2}, True)]
+    with pytest.raises(api.ApiError, match="not signed with this cluster's secret"):
+        api.peer(peer, b"t" * 16, "POST", "/peer/x", {})
+    stamp = repr(time.time() - 100)  # a replayed request, rightly signed but old
+    conn = http.client.HTTPConnection(*peer, timeout=5)
+    conn.request(
+        "POST",
+        "/peer/x",
+        headers={"X-FT-Time": stamp, "X-FT-Auth": api.sign(b"s" * 16, "POST", "/peer/x", stamp, b"")},
+    )
+    reply = conn.getresponse()
+    assert reply.status == 401 and b"off this host's clock" in reply.read()
+    assert len(calls) == 1
+
+
+def send(path, data: bytes) -> bytes:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(str(path))
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+def test_malformed_and_oversized_requests_are_refused_before_dispatch(server):
+    path, _peer, calls = server
+    assert send(path, b"POST /x HTTP/1.1\r\nContent-Length: 3\r\n\r\n{x}").startswith(b"HTTP/1.1 400")
+    assert send(path, b"POST /x HTTP/1.1\r\nContent-Length: 9999999999\r\n\r\n").startswith(b"HTTP/1.1 413")
+    assert send(path, b"POST /x HTTP/1.1\r\nContent-Length: nine\r\n\r\n").startswith(b"HTTP/1.1 400")
+    assert calls == []
+
+
+def test_a_fuzzed_request_stream_never_crashes_the_server(server):
+    path, _peer, calls = server
+    rng = random.Random(11)
+    template = (
+        b"POST /vms/x/enable HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n"
+        b'{"a": [1]}\n'
+    )
+    for _ in range(2000):
+        data = bytearray(template if rng.random() < 0.7 else os.urandom(rng.randrange(1, 300)))
+        for _ in range(rng.randrange(0, 6)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        answer = send(path, bytes(data))
+        assert answer == b"" or answer.startswith(b"HTTP/1."), answer[:100]
+        assert b" 500 " not in answer[:20]
+    for _method, _path, body, _peer in calls:  # whatever got through was parsed JSON
+        json.dumps(body)
+    assert api.local(path, "GET", "/still-there") == (200, {"ok": True})
+    assert threading.active_count() < 50

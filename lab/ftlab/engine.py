@@ -1,0 +1,117 @@
+"""lockstepd on the lab hosts: its configuration, starting and killing it, the lab guest as the VM
+it protects, and taking a whole host out of the cluster. What tests/test_engine_service.py and
+bench/protect drive; on a real host the ft_engine role does the same with a systemd unit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import yaml
+from lockstep import api
+
+from . import guest as lab_guest
+from . import lab
+from . import topology as t
+from .colopair import lab_qemu, set_links
+from .proc import LabError, in_node, netns_inode, pids_in_netns, spawn, wait_for
+
+SECRET = "ftlab-peer-secret-not-for-production"
+FTCTL = str(Path(sys.executable).with_name("ftctl"))
+
+
+def socket(index: int) -> Path:
+    return t.host(index).dir / "lockstepd.sock"
+
+
+def config(index: int, n_hosts: int = 3, **overrides) -> Path:
+    h = t.host(index)
+    cfg = {
+        "host": h.hostname,
+        "hosts": {t.host(i).hostname: t.host(i).ip("ft_logging") for i in range(1, n_hosts + 1)},
+        "datastore": str(t.DATASTORE),
+        "run_dir": str(h.dir),
+        "socket": str(socket(index)),
+        "secret": SECRET,
+        "qemu": lab_qemu(),
+        "bridge": t.VM_BRIDGE,
+        "reprotect_retry_s": 2.0,
+        **overrides,
+    }
+    path = h.dir / "lockstepd.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def holder(index: int) -> int:
+    state = lab.load_state()
+    if state is None:
+        raise lab.NotUp("the lab is not up")
+    return state["holders"][t.host(index).name]
+
+
+def start(index: int, **overrides) -> int:
+    """Start lockstepd inside a lab host; returns its PID once its API answers."""
+    path = config(index, **overrides)
+    log = t.host(index).dir / "lockstepd.log"
+    pid = spawn(in_node(holder(index), [FTCTL, "daemon", "--config", str(path)]), log)
+
+    def answers() -> bool:
+        if not os.path.exists(f"/proc/{pid}"):
+            raise LabError(f"lockstepd on lab-h{index} exited: {log.read_text()[-800:]}")
+        try:
+            return call(index, "GET", "/status")[0] == 200
+        except OSError:
+            return False
+
+    wait_for(f"lockstepd on lab-h{index}", answers, 60, 0.2)
+    return pid
+
+
+def call(index: int, method: str, path: str, body=None) -> tuple[int, dict]:
+    return api.local(socket(index), method, path, body)
+
+
+def ok(index: int, method: str, path: str, body=None) -> dict:
+    status, answer = call(index, method, path, body)
+    if status != 200:
+        raise LabError(f"lockstepd on lab-h{index}: {method} {path}: {status} {answer}")
+    return answer
+
+
+def processes(index: int, *words: str) -> list[int]:
+    """PIDs in a lab host whose command line contains one of the words."""
+    inode = netns_inode(t.host(index).netns)
+    found = []
+    for pid in pids_in_netns(inode) if inode else []:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if any(w in cmdline for w in words):
+            found.append(pid)
+    return found
+
+
+def kill_daemon(index: int) -> None:
+    for pid in processes(index, " daemon --config"):
+        os.kill(pid, signal.SIGKILL)
+
+
+def kill_host(index: int) -> list[str]:
+    """The host dies as far as FT goes: lockstepd, its QEMUs and watchers SIGKILLed, its FT-logging
+    and VM links cut (sshd and libvirtd live on for later tests). Returns the links cut."""
+    for pid in processes(index, " daemon --config", "qemu-system", " watch --pair"):
+        os.kill(pid, signal.SIGKILL)
+    links = [f"ftl-h{index}-ft", f"ftl-h{index}-vm"]
+    set_links(links, up=False)
+    return links
+
+
+def guest_body(name: str, index: int) -> dict:
+    """The lab guest (its TCP services checked byte by byte) as a VM for lockstepd."""
+    image = lab_guest.build_image()
+    return {"name": name, "mac": t.guest_mac(index), "memory_mib": 256, "kernel": f"{image}/vmlinuz",
+            "initrd": f"{image}/initrd.img", "cmdline": f"console=ttyS0 ft.ip={t.guest_ip(index)}/24"}  # fmt: skip
