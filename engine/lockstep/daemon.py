@@ -470,6 +470,7 @@ class Daemon:
             copied = self.ft_tx_bytes() - sent_before  # the initial copy (QEMU reports no RAM stats in COLO)
             await asyncio.to_thread(self.start_watcher, record, local, "primary", chosen)
             await self.call(chosen, "POST", f"/peer/watch/{record.name}", {"generation": record.generation})
+            await asyncio.to_thread(wait_in_log, local.watcher_log, '"peer-seen"', 10)  # both watch now
         except Exception as e:
             detail = str(e)
             self.log("protect_failed", vm=record.name, secondary=chosen, detail=detail)
@@ -721,6 +722,16 @@ async def replicating(vm: colo.Vm) -> bool:
     with contextlib.suppress(Exception):
         return (await vm.execute("query-colo-status", timeout=3))["mode"] == "primary"
     return False
+
+
+def wait_in_log(log: str, text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in Path(log).read_text():
+        if time.monotonic() > deadline:
+            raise colo.DataPlaneError(
+                f"{text} not in {log} within {timeout} s: {Path(log).read_text()[-300:]}"
+            )
+        time.sleep(0.05)
 
 
 def read_verdict(log: str | None) -> dict | None:

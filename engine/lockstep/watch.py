@@ -52,6 +52,7 @@ class WatchConfig:
     progress_timeout: float = 1.5
     claim_timeout: float = 5.0
     secondary_delay: float = 0.2  # the primary's head start in the race (two heartbeats' jitter)
+    startup_grace: float = 10.0  # until the other side's first heartbeat: its watcher may start later
 
     @property
     def peer_role(self) -> str:
@@ -79,6 +80,7 @@ class Heartbeats(asyncio.DatagramProtocol):
     def __init__(self, cfg: WatchConfig) -> None:
         self.cfg = cfg
         self.last = time.monotonic()  # the grace period starts when watching starts
+        self.seen = False  # a heartbeat came: from now on the timeout applies
 
     def datagram_received(self, data: bytes, addr) -> None:
         with contextlib.suppress(ValueError):
@@ -86,7 +88,7 @@ class Heartbeats(asyncio.DatagramProtocol):
             if (msg.get("pair"), msg.get("generation"), msg.get("role")) == (
                 self.cfg.pair, self.cfg.generation, self.cfg.peer_role,
             ):  # fmt: skip
-                self.last = time.monotonic()
+                self.last, self.seen = time.monotonic(), True
 
 
 def fence(pid: int, reason: Reason, detail: str) -> Verdict:
@@ -106,6 +108,7 @@ async def watch(cfg: WatchConfig, vm: colo.Vm, qemu_pid: int) -> Verdict:
     last_progress = time.monotonic()
     hello = {"pair": cfg.pair, "generation": cfg.generation, "role": cfg.role}
     log("watching", **hello, peer=f"{cfg.peer[0]}:{cfg.peer[1]}", timeout=cfg.timeout)
+    announced = False
     try:
         while True:
             await asyncio.sleep(cfg.interval)
@@ -118,7 +121,10 @@ async def watch(cfg: WatchConfig, vm: colo.Vm, qemu_pid: int) -> Verdict:
             if resumes.clear():
                 last_progress = time.monotonic()
             now = time.monotonic()
-            if now - beats.last > cfg.timeout:
+            if beats.seen and not announced:
+                log("peer-seen")  # both sides watch each other now
+                announced = True
+            if now - beats.last > (cfg.timeout if beats.seen else cfg.startup_grace):
                 reason = Reason.LOST_CONNECTION
                 detail = f"no heartbeat from the {cfg.peer_role} for {now - beats.last:.2f} s"
             elif cfg.role == "primary" and now - last_progress > cfg.progress_timeout:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import guest, lab, topology
+from . import engine, guest, lab, topology
 from .proc import LabError
 
 
@@ -29,9 +29,8 @@ def parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="list nodes and their services")
     st.add_argument("--json", action="store_true")
     guest.add_commands(sub)
-    demo = sub.add_parser("demo", help="lab up, a guest on h1, the client's byte check")
-    demo.add_argument("--hosts", type=host_count, default=3, help="number of hosts (default 3)")
-    demo.set_defaults(func=guest.cmd_demo)
+    demo = sub.add_parser("demo", help="the main job: lab up, lockstepd, a guest protected, a failover drill")
+    demo.set_defaults(func=engine.cmd_demo)
     return p
 
 

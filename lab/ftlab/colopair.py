@@ -124,7 +124,7 @@ class Pair:
         for role, (proc, log) in self.watchers.items():  # failures injected before this go unseen
 
             def started(proc=proc, log=log) -> bool:
-                return '"watching"' in log.read_text() or proc.poll() is not None
+                return '"peer-seen"' in log.read_text() or proc.poll() is not None
 
             wait_for(f"the {role}'s watcher", started, 20)
             if proc.poll() is not None:

@@ -4,12 +4,15 @@ bench/protect drive; on a real host the ft_engine role does the same with a syst
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import yaml
+
 from lockstep import api
 
 from . import guest as lab_guest
@@ -113,5 +116,98 @@ def kill_host(index: int) -> list[str]:
 def guest_body(name: str, index: int) -> dict:
     """The lab guest (its TCP services checked byte by byte) as a VM for lockstepd."""
     image = lab_guest.build_image()
-    return {"name": name, "mac": t.guest_mac(index), "memory_mib": 256, "kernel": f"{image}/vmlinuz",
-            "initrd": f"{image}/initrd.img", "cmdline": f"console=ttyS0 ft.ip={t.guest_ip(index)}/24"}  # fmt: skip
+    return {
+        "name": name, "mac": t.guest_mac(index), "memory_mib": 256, "kernel": f"{image}/vmlinuz",
+        "initrd": f"{image}/initrd.img", "cmdline": f"console=ttyS0 ft.ip={t.guest_ip(index)}/24",
+    }  # fmt: skip
+
+
+# --- the main job ---------------------------------------------------------------------------------
+
+
+def running_daemon(index: int) -> bool:
+    try:
+        return call(index, "GET", "/status")[0] == 200
+    except OSError:
+        return False
+
+
+def await_running(name: str, generation: int, timeout: float = 180) -> dict:
+    """Poll every daemon until one reports the pair running in this generation or later."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for i in (1, 2, 3):
+            try:
+                status, view = call(i, "GET", f"/vms/{name}")
+            except OSError:
+                continue
+            if status == 200 and view["state"] == "running" and view["generation"] >= generation:
+                return view
+        time.sleep(0.1)
+    raise LabError(f"{name} did not reach running (generation {generation}) within {timeout:.0f} s")
+
+
+def cmd_demo(args) -> int:
+    """The main job: the lab (3 hosts, lockstepd on each), the demo guest protected, a failover
+    drill while the client checks every byte, and a report."""
+    from .guest import StreamFollower
+
+    t0 = time.monotonic()
+    if lab.load_state() is None:
+        lab.up(3)
+    else:
+        lab.say("the lab is already up: using it")
+    if lab.load_state()["hosts"] < 3:
+        raise LabError("the demo needs 3 lab hosts: `lab/labctl down`, then run it again")
+    lab.say("building (or reusing) the guest image and the lab's QEMU")
+    lab_guest.build_image()
+    lab_qemu()
+    for i in (1, 2, 3):
+        if not running_daemon(i):
+            lab.say(f"starting lockstepd on lab-h{i}")
+            start(i)
+    for i in (1, 2, 3):  # a demo of an earlier run goes first
+        with contextlib.suppress(OSError):
+            call(i, "POST", "/vms/demo/poweroff", {})
+    lab.say("starting the demo guest on lab-h1 (unprotected); waiting for it to boot")
+    ok(1, "POST", "/vms", guest_body("demo", 0))
+    client = StreamFollower(t.guest_ip(0))
+    client.wait_for_bytes(1, 120)
+    lab.say("client: following the guest's stream, checking every byte")
+    began = time.monotonic()
+    before = ok(1, "POST", "/vms/demo/enable", {})["vm"]
+    to_running = time.monotonic() - began
+    lab.say(f"FT on: {before['state']} in {to_running:.1f} s, primary {before['primary']}, "
+            f"secondary {before['secondary_host']}")  # fmt: skip
+    client.wait_for_bytes(client.bytes + (1 << 20), 60)
+    lab.say("failover drill: killing the primary's QEMU (test-failover); the engine does the rest")
+    client.mark()
+    began = time.monotonic()
+    ok(1, "POST", "/vms/demo/test-failover", {})
+    after = await_running("demo", before["generation"] + 1)
+    reprotect = time.monotonic() - began
+    client.wait_for_bytes(client.bytes + (1 << 20), 60)
+    result = client.stop()
+    follow = result.get("follow", {})
+    verdict = "none lost, duplicated or reordered" if result["ok"] else f"FAILED: {result.get('error')}"
+    where = socket(index(after["primary"]))
+    report = [
+        "",
+        "report",
+        f"  before:  {before['state']}, primary {before['primary']}, secondary {before['secondary_host']} "
+        f"(FT on in {to_running:.1f} s)",
+        f"  drill:   the primary's QEMU killed on {before['primary']}",
+        f"  after:   {after['state']}, primary {after['primary']}, secondary {after['secondary_host']} "
+        f"(re-protected {reprotect:.1f} s after the kill, no command given)",
+        f"  client:  {follow.get('bytes', 0)} bytes of one TCP connection checked: {verdict}",
+        f"           longest pause {follow.get('max_gap', float('nan')):.2f} s (the failover)",
+        f"  next:    `.venv/bin/ftctl status --socket {where}`; `lab/labctl down` removes the lab",
+        "",
+    ]
+    print("\n".join(report))
+    lab.say(f"demo done in {time.monotonic() - t0:.0f} s")
+    return 0 if result["ok"] else 1
+
+
+def index(hostname: str) -> int:
+    return int(hostname.rsplit("h", 1)[1])

@@ -147,37 +147,6 @@ def cmd_check(args) -> int:
     return 0 if result["ok"] else 1
 
 
-def cmd_demo(args) -> int:
-    """The main job so far: the lab up, a guest on the first host, the client's byte check."""
-    t0 = time.monotonic()
-    if lab.load_state() is None:
-        lab.up(args.hosts)
-    else:
-        lab.say("the lab is already up: using it")
-    lab.say("building (or reusing) the guest image")
-    build_image()
-    host = t.host(1)
-    state = lab.load_state()
-    import libvirt
-
-    conn = libvirt.open(host.libvirt_uri)
-    try:
-        running = "demo" in [d.name() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)]
-    finally:
-        conn.close()
-    if not running:
-        lab.say(f"starting guest demo on {host.hostname}; waiting for it to boot")
-        start_vm("demo", host, 0)
-    lab.say("client: reading 1 MiB of the stream and echoing 64 KiB")
-    result = client_check(t.guest_ip(0))
-    print_check(result)
-    lab.say(
-        f"demo done in {time.monotonic() - t0:.0f} s on {state['hosts']} hosts; "
-        "`lab/labctl status` lists them, `lab/labctl down` removes the lab"
-    )
-    return 0 if result["ok"] else 1
-
-
 def add_commands(sub) -> None:
     vm = sub.add_parser("vm", help="guest VMs on lab hosts")
     vsub = vm.add_subparsers(dest="vm_command", required=True)
