@@ -65,6 +65,10 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--kernel")
     v.add_argument("--initrd")
     v.add_argument("--cmdline", default="")
+    m = sub.add_parser("migrate", parents=[sock], help="move the primary or the secondary to another host")
+    m.add_argument("name")
+    m.add_argument("--role", choices=("primary", "secondary"), required=True)
+    m.add_argument("--host", required=True)
     for op in OPERATIONS:
         o = sub.add_parser(op, parents=[sock], help=OPERATION_HELP[op])
         o.add_argument("name")
@@ -178,6 +182,8 @@ def cmd_operation(args) -> int:
     body = {}
     if args.command == "enable":
         body = {"secondary_host": args.secondary_host, "checkpoint_ms": args.checkpoint_ms}
+    elif args.command == "migrate":
+        body = {"role": args.role, "host": args.host}
     return show(args, *request(args, "POST", f"/vms/{args.name}/{args.command}", body), changed_line)
 
 
@@ -187,5 +193,6 @@ def main(argv: list[str] | None = None) -> int:
         parser().print_help(sys.stderr)
         return 2
     commands = {"probe": cmd_probe, "watch": cmd_watch, "daemon": cmd_daemon, "status": cmd_status,
-                "vm-start": cmd_vm_start} | dict.fromkeys(OPERATIONS, cmd_operation)  # fmt: skip
+                "vm-start": cmd_vm_start}  # fmt: skip
+    commands |= dict.fromkeys((*OPERATIONS, "migrate"), cmd_operation)
     return commands[args.command](args)

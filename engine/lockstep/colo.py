@@ -172,6 +172,7 @@ def _common_argv(guest: Guest, host: Host, role: str, tap: str) -> list[str]:
         "-display",
         "none",
         "-no-user-config",
+        "-no-shutdown",  # a guest powering off leaves QEMU up: the engine stops the pair, no failover
         "-serial",
         f"file:{host.run_dir / f'{guest.name}.{role}.console'}",
         "-qmp",

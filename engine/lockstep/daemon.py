@@ -248,6 +248,7 @@ class Daemon:
             ("POST", ("vms", "*", "absent")): self.op_absent,
             ("POST", ("vms", "*", "test-failover")): self.op_test_failover,
             ("POST", ("vms", "*", "poweroff")): self.op_poweroff,
+            ("POST", ("vms", "*", "migrate")): self.op_migrate,
             ("POST", ("vms", "*", "test-restart-secondary")): self.op_test_restart_secondary,
         }
 
@@ -393,6 +394,66 @@ class Daemon:
             self.transition(record, Action.TURN_OFF, Reason.USER_ACTION)
             self.save(record)
             return {"changed": True, "vm": self.view(record)}
+
+    async def op_migrate(self, name: str, body) -> dict:
+        """Move the secondary, or the primary, to another host; one pair, one move at a time.
+        The secondary: stopped, then made anew on the target (the VM runs unprotected for the
+        copy, ~1-4 s here). The primary: its secondary moved to the target first, then a
+        controlled failover to it (a pause like a failover's); the new owner re-protects on a
+        third host."""
+        role, target = body.get("role"), body.get("host")
+        if role not in ("primary", "secondary") or target not in self.cfg.hosts:
+            raise api.ApiError(
+                400, f"migrate needs role primary or secondary and host one of {', '.join(self.cfg.hosts)}"
+            )
+        async with self.lock(name):
+            record = self.owned(name)
+            if record.state != FtState.RUNNING or record.secondary is None:
+                raise api.ApiError(409, f"migrate needs a running pair; {name} is {record.state}")
+            if (record.primary.host if role == "primary" else record.secondary.host) == target:
+                return {"changed": False, "vm": self.view(record)}
+            if role == "secondary" and target == record.primary.host:
+                raise api.ApiError(
+                    409, f"refused: {target} runs the primary (primary and secondary never share a host)"
+                )
+            if record.secondary.host != target:
+                infos = [h for h in await self.host_infos() if h.name == target]
+                others = records.load_all(self.cfg.datastore)
+                if why := placement.refusals(
+                    infos[0], record.guest, others, self.cfg.caps, record.primary.host, name
+                ):
+                    raise api.ApiError(409, f"refused: {'; '.join(why)}")
+                await self.unprotect(record)
+                self.transition(
+                    record, Action.SECONDARY_LOST, Reason.USER_ACTION, detail=f"moving to {target}"
+                )
+                record.preferred_secondary = target
+                self.transition(record, Action.REPROTECT, Reason.USER_ACTION)
+                self.save(record)
+                await self.protect(record)
+                if record.state != FtState.RUNNING or record.secondary.host != target:
+                    raise api.ApiError(
+                        409,
+                        f"the secondary could not move to {target}: {record.reason}",
+                        vm=self.view(record),
+                    )
+            if role == "secondary":
+                return {"changed": True, "vm": self.view(record)}
+            self.log("switchover", vm=name, to=target)
+            kill(self.local[name].pid)  # the secondary on the target takes over, as in a failover
+        view = await self.await_record(
+            name, lambda r: r.primary.host == target and r.state == FtState.RUNNING
+        )
+        return {"changed": True, "vm": view}
+
+    async def await_record(self, name: str, ready, timeout: float = 120) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            record = records.load(self.cfg.datastore, name)
+            if record is not None and ready(record):
+                return self.view(record)
+            await asyncio.sleep(0.2)
+        raise api.ApiError(504, f"{name} did not get there within {timeout:.0f} s")
 
     async def op_poweroff(self, name: str, body) -> dict:
         """Power the VM off: the secondary goes first (so nothing fails over), then the primary;
@@ -629,6 +690,23 @@ class Daemon:
         self.tasks.add(task)  # asyncio keeps only weak references to tasks
         task.add_done_callback(self.tasks.discard)
 
+    async def on_guest_shutdown(self, name: str) -> None:
+        """The guest powered itself off (QEMU stays up, -no-shutdown): its secondary goes too and
+        nothing fails over; the VM is forgotten like after `poweroff`."""
+        async with self.lock(name):
+            local = self.local.get(name)
+            if local is None or local.role != "primary":
+                return  # a secondary's guest shuts down with its primary's: the primary's daemon acts
+            kill(local.watcher_pid)  # no verdict from here on
+            local.watcher_pid = None
+            record = records.load(self.cfg.datastore, name)
+            if record is not None and record.secondary is not None:
+                with contextlib.suppress(api.ApiError):
+                    await self.call(record.secondary.host, "POST", f"/peer/stop/{name}", {}, timeout=5)
+            await self.drop_local(name)
+            records.delete(self.cfg.datastore, name)
+            self.log("powered_off", vm=name, by="guest")
+
     async def reprotect_due(self) -> None:
         for record in records.load_all(self.cfg.datastore).values():
             if record.primary.host != self.cfg.host or record.state != FtState.NEED_SECONDARY:
@@ -669,14 +747,17 @@ class Daemon:
 
     def listen_checkpoints(self, name: str, vm: colo.Vm) -> None:
         """Every checkpoint stops the primary and resumes it: count them and time the pauses."""
-        listener = EventListener(("STOP", "RESUME"))
+        listener = EventListener(("STOP", "RESUME", "SHUTDOWN"))
         vm.qmp.register_listener(listener)
 
         async def consume() -> None:
             async for event in listener:
                 stats = self.stats.setdefault(name, Stats())
                 at = event["timestamp"]["seconds"] + event["timestamp"]["microseconds"] / 1e6
-                if event["event"] == "STOP":
+                if event["event"] == "SHUTDOWN":
+                    if event.get("data", {}).get("guest"):
+                        self.background(self.on_guest_shutdown(name))
+                elif event["event"] == "STOP":
                     stats.stopped_at = at
                 elif stats.stopped_at is not None:
                     stats.checkpoints += 1

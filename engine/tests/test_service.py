@@ -134,6 +134,54 @@ def test_enable_disable_absent_each_twice_the_second_call_changes_nothing(cluste
         power_off("ftpair3")
 
 
+def test_the_secondary_then_the_primary_move_to_other_hosts_byte_exact(cluster):
+    client = protected_vm("ftmove", 6)
+    try:
+        view = engine.ok(1, "GET", "/vms/ftmove")
+        other = ({"lab-h2", "lab-h3"} - {view["secondary_host"]}).pop()
+        status, refused = engine.call(
+            1, "POST", "/vms/ftmove/migrate", {"role": "secondary", "host": "lab-h1"}
+        )
+        assert status == 409 and "lab-h1 runs the primary" in refused["error"]
+        moved = engine.ok(1, "POST", "/vms/ftmove/migrate", {"role": "secondary", "host": other})
+        assert moved["changed"] and (moved["vm"]["primary"], moved["vm"]["secondary_host"]) == (
+            "lab-h1",
+            other,
+        )
+        again = engine.ok(1, "POST", "/vms/ftmove/migrate", {"role": "secondary", "host": other})
+        assert again["changed"] is False
+        client.wait_for_bytes(client.bytes + MiB, 60)
+        target = ({"lab-h2", "lab-h3"} - {other}).pop()  # the primary goes where no side is yet
+        moved = engine.ok(1, "POST", "/vms/ftmove/migrate", {"role": "primary", "host": target})
+        assert moved["changed"] and moved["vm"]["primary"] == target, moved
+        view = await_pair("ftmove", lambda v: v["state"] == "running" and v["primary"] == target)
+        assert view["secondary_host"] not in (None, target)
+        client.wait_for_bytes(client.bytes + MiB, 60)
+        result = client.stop()
+        assert result["ok"], result
+    finally:
+        power_off("ftmove")
+
+
+def test_a_guest_that_powers_itself_off_takes_its_secondary_along_and_nothing_fails_over(cluster):
+    client = protected_vm("ftoff", 7)
+    client.stop()
+    python = str(engine.FTCTL).replace("ftctl", "python")
+    ip = t.guest_ip(7)
+    code = f"import socket; s = socket.create_connection(('{ip}', 99), 5); print(s.recv(100).decode())"
+    off = subprocess.run(["ip", "netns", "exec", t.CLIENT.netns, python, "-c", code],
+                         capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert "powering off" in off.stdout, off
+    deadline = time.monotonic() + 30
+    while any(engine.call(i, "GET", "/vms/ftoff")[0] != 404 for i in (1, 2, 3)):
+        assert time.monotonic() < deadline, engine.call(1, "GET", "/vms/ftoff")
+        time.sleep(0.2)
+    assert not [p for i in (1, 2, 3) for p in engine.processes(i, "ftoff")]  # no QEMU, no watcher
+    logs = "".join((t.host(i).dir / "events.log").read_text() for i in (1, 2, 3))
+    assert '"powered_off", "vm": "ftoff", "by": "guest"' in logs
+    assert not [line for line in logs.splitlines() if '"ftoff"' in line and '"failed_over"' in line]
+
+
 def test_a_vm_beyond_a_hosts_cap_is_refused_with_the_reason(cluster):
     for i in (1, 2, 3):  # every daemon restarted with a cap of one FT VM per host
         engine.kill_daemon(i)
