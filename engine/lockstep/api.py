@@ -170,6 +170,20 @@ def _call(
         return resp.status, {"error": text.decode(errors="replace")}
 
 
+def exchange(socket_path, data: bytes, timeout: float = 10) -> bytes:
+    """Raw bytes to the local API and its whole answer: for probing the parser with what no
+    HTTP client sends (tests, diagnostics)."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(timeout)
+        s.connect(str(socket_path))
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def local(socket_path, method: str, path: str, body: object = None, timeout: float = 600) -> tuple[int, dict]:
     return _call(UnixConnection(str(socket_path), timeout), method, path, body, {})
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import socket
 import subprocess
 import time
 
@@ -18,6 +17,7 @@ from ftlab import engine
 from ftlab import topology as t
 from ftlab.colopair import set_links
 from ftlab.guest import StreamFollower
+from lockstep import api
 
 pytestmark = [pytest.mark.lab, pytest.mark.vm, pytest.mark.slow]
 MiB = 1 << 20
@@ -33,22 +33,6 @@ def cluster(lab):
 
 def index(host: str) -> int:
     return HOSTS.index(host) + 1
-
-
-def await_pair(name: str, ready, timeout: float = 150) -> dict:
-    """Poll every daemon for the pair until ready(view) holds; the view."""
-    deadline = time.monotonic() + timeout
-    view: dict = {}
-    while time.monotonic() < deadline:
-        for i in (1, 2, 3):
-            try:
-                status, view = engine.call(i, "GET", f"/vms/{name}")
-            except OSError:
-                continue
-            if status == 200 and ready(view):
-                return view
-        time.sleep(0.2)
-    raise AssertionError(f"{name} never got there; last view {view}")
 
 
 def protected_vm(name: str, k: int) -> StreamFollower:
@@ -76,7 +60,7 @@ def test_losing_the_primarys_host_fails_over_and_reprotects_on_the_third_host_by
     third = ({"lab-h2", "lab-h3"} - {survivor}).pop()
     links = engine.kill_host(1)
     try:
-        view = await_pair(
+        view = engine.await_pair(
             "ftpair", lambda v: v["state"] == "running" and v["generation"] > first["generation"]
         )
         assert (view["primary"], view["secondary_host"]) == (survivor, third), view
@@ -105,7 +89,7 @@ def test_a_killed_and_restarted_daemon_leaves_the_pair_running_and_manages_it_ag
         assert engine.ok(1, "GET", "/vms/ftpair2")["state"] == "running"
         # managed again: a drill on the restarted daemon is carried through to running
         assert engine.ok(1, "POST", "/vms/ftpair2/test-restart-secondary", {})["changed"]
-        view = await_pair(
+        view = engine.await_pair(
             "ftpair2", lambda v: v["state"] == "running" and v["generation"] > before["generation"]
         )
         assert view["primary"] == "lab-h1"
@@ -154,7 +138,7 @@ def test_the_secondary_then_the_primary_move_to_other_hosts_byte_exact(cluster):
         target = ({"lab-h2", "lab-h3"} - {other}).pop()  # the primary goes where no side is yet
         moved = engine.ok(1, "POST", "/vms/ftmove/migrate", {"role": "primary", "host": target})
         assert moved["changed"] and moved["vm"]["primary"] == target, moved
-        view = await_pair("ftmove", lambda v: v["state"] == "running" and v["primary"] == target)
+        view = engine.await_pair("ftmove", lambda v: v["state"] == "running" and v["primary"] == target)
         assert view["secondary_host"] not in (None, target)
         client.wait_for_bytes(client.bytes + MiB, 60)
         result = client.stop()
@@ -166,11 +150,9 @@ def test_the_secondary_then_the_primary_move_to_other_hosts_byte_exact(cluster):
 def test_a_guest_that_powers_itself_off_takes_its_secondary_along_and_nothing_fails_over(cluster):
     client = protected_vm("ftoff", 7)
     client.stop()
-    python = str(engine.FTCTL).replace("ftctl", "python")
     ip = t.guest_ip(7)
     code = f"import socket; s = socket.create_connection(('{ip}', 99), 5); print(s.recv(100).decode())"
-    off = subprocess.run(["ip", "netns", "exec", t.CLIENT.netns, python, "-c", code],
-                         capture_output=True, text=True, timeout=30)  # fmt: skip
+    off = engine.in_netns(t.CLIENT.netns, code)
     assert "powering off" in off.stdout, off
     deadline = time.monotonic() + 30
     while any(engine.call(i, "GET", "/vms/ftoff")[0] != 404 for i in (1, 2, 3)):
@@ -200,18 +182,6 @@ def test_a_vm_beyond_a_hosts_cap_is_refused_with_the_reason(cluster):
             engine.start(i)
 
 
-def raw_request(path, data: bytes) -> bytes:
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(10)
-        s.connect(str(path))
-        s.sendall(data)
-        s.shutdown(socket.SHUT_WR)
-        chunks = []
-        while chunk := s.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def test_bad_requests_get_a_clear_status_and_change_nothing(cluster):
     assert engine.ok(1, "POST", "/vms", engine.guest_body("ftbad", 5))["changed"]
     try:
@@ -221,20 +191,20 @@ def test_bad_requests_get_a_clear_status_and_change_nothing(cluster):
         assert "no VM named 'nosuchvm'" in engine.call(1, "POST", "/vms/nosuchvm/enable", {})[1]["error"]
         assert engine.call(1, "GET", "/no/such/thing")[0] == 404
         assert engine.call(1, "GET", "/vms/ftbad/enable")[0] == 405
-        malformed = raw_request(sock, b"POST /vms/ftbad/enable HTTP/1.1\r\nContent-Length: 5\r\n\r\n{nope")
+        malformed = api.exchange(sock, b"POST /vms/ftbad/enable HTTP/1.1\r\nContent-Length: 5\r\n\r\n{nope")
         assert malformed.startswith(b"HTTP/1.1 400") and b"body is not JSON" in malformed
-        huge = raw_request(sock, b"POST /vms HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n{}")
+        huge = api.exchange(sock, b"POST /vms HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n{}")
         assert huge.startswith(b"HTTP/1.1 413")
         status, answer = engine.call(1, "POST", "/vms", {"name": "Bad Name!", "mac": "xx", "memory_mib": 1})
         assert status == 400 and "name must be" in answer["error"] and "mac must be" in answer["error"]
         # the peer API, from lab-h2 on the FT-logging network: signed with another secret, unsigned
-        wrong = from_h2(f"from lockstep import api; api.peer(('{t.host(1).ip('ft_logging')}', 7411), "
-                        "b'not-the-cluster-secret', 'POST', '/peer/kill/ftbad', {})")  # fmt: skip
+        peer, h2 = t.host(1).ip("ft_logging"), t.host(2).netns
+        wrong = engine.in_netns(h2, f"from lockstep import api; api.peer(('{peer}', 7411), "
+                                    "b'not-the-cluster-secret', 'POST', '/peer/kill/ftbad', {})")  # fmt: skip
         assert "ApiError" in wrong.stderr and "not signed with this cluster's secret" in wrong.stderr
-        unsigned = from_h2(
-            f"import http.client as h; c = h.HTTPConnection('{t.host(1).ip('ft_logging')}', 7411); "
-            "c.request('POST', '/peer/kill/ftbad'); r = c.getresponse(); print(r.status, r.read())"
-        )
+        unsigned = engine.in_netns(h2, f"import http.client as h; c = h.HTTPConnection('{peer}', 7411); "
+                                       "c.request('POST', '/peer/kill/ftbad'); r = c.getresponse(); "
+                                       "print(r.status, r.read())")  # fmt: skip
         assert unsigned.stdout.startswith("401") and "X-FT-Time" in unsigned.stdout, unsigned
         ftctl = subprocess.run([engine.FTCTL, "enable", "nosuchvm", "--socket", str(sock)],
                                capture_output=True, text=True)  # fmt: skip
@@ -244,13 +214,6 @@ def test_bad_requests_get_a_clear_status_and_change_nothing(cluster):
         assert engine.processes(1, "ftbad")  # the VM still runs
     finally:
         power_off("ftbad")
-
-
-def from_h2(code: str) -> subprocess.CompletedProcess:
-    python = str(engine.FTCTL).replace("ftctl", "python")
-    return subprocess.run(
-        ["ip", "netns", "exec", t.host(2).netns, python, "-c", code], capture_output=True, text=True
-    )
 
 
 def fuzz(sock, rounds: int = 300) -> None:
@@ -272,6 +235,6 @@ def fuzz(sock, rounds: int = 300) -> None:
         else:
             body = bytes(rng.choice(b'{}[]":,0123456789abcnulltrue ') for _ in range(rng.randrange(1, 60)))
             data = b"POST /vms HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
-        answer = raw_request(sock, data)
+        answer = api.exchange(sock, data)
         assert answer == b"" or answer.startswith(b"HTTP/1."), answer[:200]
         assert not answer.startswith(b"HTTP/1.1 500"), (data, answer[:300])

@@ -7,7 +7,6 @@ import http.client
 import json
 import os
 import random
-import socket
 import threading
 import time
 
@@ -144,23 +143,12 @@ def test_peers_must_sign_with_the_secret_recently(server):
     assert len(calls) == 1
 
 
-def send(path, data: bytes) -> bytes:
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(5)
-        s.connect(str(path))
-        s.sendall(data)
-        s.shutdown(socket.SHUT_WR)
-        out = b""
-        while chunk := s.recv(65536):
-            out += chunk
-    return out
-
-
 def test_malformed_and_oversized_requests_are_refused_before_dispatch(server):
     path, _peer, calls = server
-    assert send(path, b"POST /x HTTP/1.1\r\nContent-Length: 3\r\n\r\n{x}").startswith(b"HTTP/1.1 400")
-    assert send(path, b"POST /x HTTP/1.1\r\nContent-Length: 9999999999\r\n\r\n").startswith(b"HTTP/1.1 413")
-    assert send(path, b"POST /x HTTP/1.1\r\nContent-Length: nine\r\n\r\n").startswith(b"HTTP/1.1 400")
+    head = b"POST /x HTTP/1.1\r\nContent-Length: "
+    assert api.exchange(path, head + b"3\r\n\r\n{x}").startswith(b"HTTP/1.1 400")
+    assert api.exchange(path, head + b"9999999999\r\n\r\n").startswith(b"HTTP/1.1 413")
+    assert api.exchange(path, head + b"nine\r\n\r\n").startswith(b"HTTP/1.1 400")
     assert calls == []
 
 
@@ -175,7 +163,7 @@ def test_a_fuzzed_request_stream_never_crashes_the_server(server):
         data = bytearray(template if rng.random() < 0.7 else os.urandom(rng.randrange(1, 300)))
         for _ in range(rng.randrange(0, 6)):
             data[rng.randrange(len(data))] = rng.randrange(256)
-        answer = send(path, bytes(data))
+        answer = api.exchange(path, bytes(data))
         assert answer == b"" or answer.startswith(b"HTTP/1."), answer[:100]
         assert b" 500 " not in answer[:20]
     for _method, _path, body, _peer in calls:  # whatever got through was parsed JSON

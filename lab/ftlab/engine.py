@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -132,19 +133,33 @@ def running_daemon(index: int) -> bool:
         return False
 
 
-def await_running(name: str, generation: int, timeout: float = 180) -> dict:
-    """Poll every daemon until one reports the pair running in this generation or later."""
+def await_pair(name: str, ready, timeout: float = 180) -> dict:
+    """Poll every daemon for the pair until ready(view) holds; that view."""
     deadline = time.monotonic() + timeout
+    view: dict = {}
     while time.monotonic() < deadline:
         for i in (1, 2, 3):
             try:
-                status, view = call(i, "GET", f"/vms/{name}")
+                status, answer = call(i, "GET", f"/vms/{name}")
             except OSError:
                 continue
-            if status == 200 and view["state"] == "running" and view["generation"] >= generation:
-                return view
+            if status == 200:
+                view = answer
+                if ready(view):
+                    return view
         time.sleep(0.1)
-    raise LabError(f"{name} did not reach running (generation {generation}) within {timeout:.0f} s")
+    raise LabError(f"{name} did not get there within {timeout:.0f} s; last view {view}")
+
+
+def await_running(name: str, generation: int, timeout: float = 180) -> dict:
+    """The pair running in this generation or a later one (a new secondary made)."""
+    return await_pair(name, lambda v: v["state"] == "running" and v["generation"] >= generation, timeout)
+
+
+def in_netns(netns: str, code: str) -> subprocess.CompletedProcess:
+    """Python code run in a lab node's network namespace (the project's interpreter)."""
+    return subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", code],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
 
 
 def cmd_demo(args) -> int:
