@@ -325,8 +325,9 @@ async def prepare_secondary(secondary: Vm, ports: Ports) -> None:
 async def start_replication(
     primary: Vm, secondary_ip: str, ports: Ports, checkpoint_ms: int, mode: Mode, timeout: float = 120.0
 ) -> None:
-    """The primary's side: replicate the disk, add the filters, start checkpointing."""
+    """The primary's side: copy and replicate the disk, add the filters, start checkpointing."""
     if primary.guest.disk_mib:
+        await resync_disk(primary, secondary_ip, ports, timeout)
         await hmp(primary, f"drive_add -n buddy driver=replication,mode=primary,file.driver=nbd,"
                            f"file.host={secondary_ip},file.port={ports.nbd},file.export=parent0,"
                            f"node-name=replication0")  # fmt: skip
@@ -346,6 +347,28 @@ async def start_replication(
         if status in ("failed", "cancelled", "completed") or loop.time() > deadline:
             raise DataPlaneError(f"replication did not start: migration {status}")
         await asyncio.sleep(0.2)
+
+
+async def resync_disk(primary: Vm, secondary_ip: str, ports: Ports, timeout: float) -> None:
+    """Make the secondary's disk a copy of the primary's before replication starts (QEMU's
+    COLO-FT.txt, "resume replication"): mirror it over NBD until the copy has caught up, then
+    stop the VM and end the mirror; replication then carries every later write, and entering
+    COLO resumes the VM."""
+    target = f"nbd://{secondary_ip}:{ports.nbd}/parent0"
+    await primary.execute("drive-mirror", {"device": "colo-disk0", "job-id": "resync", "target": target,
+                                           "mode": "existing", "format": "raw", "sync": "full"})  # fmt: skip
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not any(
+        j["device"] == "resync" and j.get("ready") for j in await primary.execute("query-block-jobs")
+    ):
+        if loop.time() > deadline:
+            raise DataPlaneError(f"the disk copy to {secondary_ip} did not catch up within {timeout:.0f} s")
+        await asyncio.sleep(0.1)
+    await primary.execute("stop")
+    await primary.execute("block-job-cancel", {"device": "resync"})
+    while any(j["device"] == "resync" for j in await primary.execute("query-block-jobs")):
+        await asyncio.sleep(0.05)
 
 
 COLO_CAPABILITY = {"capabilities": [{"capability": "x-colo", "state": True}]}

@@ -344,17 +344,26 @@ class Daemon:
                 problems.append(f"{key} must be a whole number from {low} to {high}")
         if not isinstance(body.get("mac"), str) or not MAC.match(body["mac"]):
             problems.append("mac must be a MAC address like 52:54:00:12:34:56")
-        if body.get("disk_mib"):
-            problems.append("disk_mib: re-protection does not copy disks yet (drive-mirror), so lockstepd "
-                            "runs diskless VMs only")  # fmt: skip
-        unknown = set(body) - {"name", "memory_mib", "vcpus", "mac", "kernel", "initrd", "cmdline"}
+        disk = body.get("disk_mib")
+        if disk is not None and (not isinstance(disk, int) or not 1 <= disk <= 1 << 24):
+            problems.append("disk_mib must be a whole number from 1 to 16777216")
+        unknown = set(body) - {
+            "name",
+            "memory_mib",
+            "vcpus",
+            "mac",
+            "kernel",
+            "initrd",
+            "cmdline",
+            "disk_mib",
+        }
         if unknown:
             problems.append(f"unknown fields: {', '.join(sorted(unknown))}")
         if problems:
             raise api.ApiError(400, "; ".join(problems))
         return colo.Guest(name=name, mac=body["mac"], memory_mib=body.get("memory_mib", 256),
                           vcpus=body.get("vcpus", 1), kernel=body.get("kernel"), initrd=body.get("initrd"),
-                          cmdline=body.get("cmdline", ""))  # fmt: skip
+                          cmdline=body.get("cmdline", ""), disk_mib=body.get("disk_mib"))  # fmt: skip
 
     # --- operations ------------------------------------------------------------------------
 

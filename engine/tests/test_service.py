@@ -16,7 +16,7 @@ import pytest
 from ftlab import engine
 from ftlab import topology as t
 from ftlab.colopair import set_links
-from ftlab.guest import StreamFollower
+from ftlab.guest import StreamFollower, client_run
 from lockstep import api
 
 pytestmark = [pytest.mark.lab, pytest.mark.vm, pytest.mark.slow]
@@ -162,6 +162,31 @@ def test_a_guest_that_powers_itself_off_takes_its_secondary_along_and_nothing_fa
     logs = "".join((t.host(i).dir / "events.log").read_text() for i in (1, 2, 3))
     assert '"powered_off", "vm": "ftoff", "by": "guest"' in logs
     assert not [line for line in logs.splitlines() if '"ftoff"' in line and '"failed_over"' in line]
+
+
+def disk(ip: str, op: str, seed: int) -> None:
+    """4 MiB of a seeded pattern to the guest's disk, or read back past its page cache and checked."""
+    result = client_run(ip, op, str(4 * MiB), "--seed", str(seed))
+    assert result["ok"], result
+
+
+def test_a_vms_disk_is_copied_to_each_new_secondary_and_survives_two_failovers(cluster):
+    ip = t.guest_ip(8)
+    engine.ok(1, "POST", "/vms", engine.guest_body("ftdisk", 8) | {"disk_mib": 16})
+    try:
+        StreamFollower(ip).wait_for_bytes(1, 120)
+        disk(ip, "--disk-write", seed=5)  # before FT is on: only the initial copy can carry it
+        view = engine.ok(1, "POST", "/vms/ftdisk/enable", {})["vm"]
+        engine.ok(1, "POST", "/vms/ftdisk/test-failover", {})
+        view = engine.await_running("ftdisk", view["generation"] + 1)
+        disk(ip, "--disk-read", seed=5)  # on the former secondary: the copy was whole
+        disk(ip, "--disk-write", seed=6)  # replicated to the secondary the engine made anew
+        owner = engine.index(view["primary"])
+        engine.ok(owner, "POST", "/vms/ftdisk/test-failover", {})
+        view = engine.await_running("ftdisk", view["generation"] + 1)
+        disk(ip, "--disk-read", seed=6)
+    finally:
+        power_off("ftdisk")
 
 
 def test_a_vm_beyond_a_hosts_cap_is_refused_with_the_reason(cluster):

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
+from . import lab
 from . import topology as t
 from .proc import LabError, run, wait_for
 
@@ -36,7 +36,9 @@ class DebianGuest:
         self.memory_mib = memory_mib
         self.image = Path(run([str(BUILD)]).strip())
         self.key = self.image / "id_ed25519"
-        self.dir = Path(tempfile.mkdtemp(prefix="ftlab-debian-"))
+        self.dir = t.STATE_DIR / "nodes" / "debian"  # `labctl down` removes it, and stops the QEMU
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True)
         self.console = self.dir / "console.log"
         self.proc: subprocess.Popen | None = None
 
@@ -91,6 +93,12 @@ class DebianGuest:
                 f"virtio-net-pci,netdev=n{i},mac={mac},speed={speed},duplex=full",
             ]
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=open(self.dir / "qemu.log", "wb"))
+        state = lab.load_state()
+        if state is None:
+            self.__exit__(None, None, None)
+            raise lab.NotUp("the Debian guest joins the lab: bring it up first")
+        state.setdefault("pids", []).append(self.proc.pid)
+        lab.save_state(state)
         try:
             wait_for(
                 "the Debian guest's taps",

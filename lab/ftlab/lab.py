@@ -436,6 +436,7 @@ def down(quiet: bool = False) -> None:
     # Every process of a node lives in its network namespace: holders, daemons, QEMU, ssh sessions.
     pids = [p for ns in state["netns"] if (ino := netns_inode(ns)) for p in pids_in_netns(ino)]
     pids += [p for p in state["holders"].values() if alive(p)]
+    pids += [p for p in state.get("pids", []) if alive(p)]  # outside the nodes: the Debian guest
     if not quiet:
         say(f"down: stopping {len(pids)} processes")
     terminate(sorted(set(pids)))
