@@ -145,6 +145,7 @@ import traceback
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.ft.lockstep.plugins.module_utils import ft_network as net
+from ansible_collections.ft.lockstep.plugins.module_utils.files import read_text
 
 PYROUTE2_ERROR = None
 try:
@@ -259,14 +260,6 @@ class Kernel:
                 pass
 
 
-def read_file(path):
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return None
-
-
 def file_changes(role, stacks, wanted):
     """{path: (old content or None, new content or None)} for every file of the role under the given
     stacks that differs from what is wanted (absent from wanted: to be removed)."""
@@ -281,7 +274,7 @@ def file_changes(role, stacks, wanted):
                 if n.startswith(prefix + ".") or n.startswith(prefix + "-")
             ]
     for path in sorted(set(existing) | set(wanted)):
-        old, new = read_file(path), wanted.get(path)
+        old, new = read_text(path), wanted.get(path)
         if old != new:
             changes[path] = (old, new)
     return changes
@@ -386,7 +379,7 @@ def main():
             ethtool.close()
         for role in net.ROLES:
             for persisted_stack in net.STACKS:
-                net.adopt_persisted(links, role, read_file(net.main_file(role, persisted_stack)))
+                net.adopt_persisted(links, role, read_text(net.main_file(role, persisted_stack)))
         found, warnings = net.problems(want, links, p["vm_interfaces"], p["min_speed_mbps"])
         errors += found
         for w in warnings:

@@ -142,6 +142,7 @@ import uuid
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.ft.lockstep.plugins.module_utils import ft_storage as ds
+from ansible_collections.ft.lockstep.plugins.module_utils.files import read_text
 
 LIBVIRT_ERROR = None
 try:
@@ -155,14 +156,6 @@ FSTAB = "/etc/fstab"
 
 class Refused(Exception):
     pass
-
-
-def read(path):
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return ""
 
 
 def answers(host, port, timeout):
@@ -206,8 +199,8 @@ class Storage:
     def nfs(self):
         p = self.p
         source, path = ds.nfs_source(p["server"], p["export"]), p["path"]
-        mounted = ds.mounts(read("/proc/self/mounts")).get(path)
-        fstab = read(FSTAB)
+        mounted = ds.mounts(read_text("/proc/self/mounts", "")).get(path)
+        fstab = read_text(FSTAB, "")
         line = ds.fstab_line(source, path, "nfs", p["mount_options"])
         if p["state"] == "absent":
             if mounted:
@@ -266,7 +259,7 @@ class Storage:
     def file_identity(self, path):
         """The id file in the datastore; the first host to see the datastore creates it."""
         id_path = os.path.join(path, ds.ID_FILE)
-        existing = read(id_path).strip() if not self.check or os.path.exists(id_path) else ""
+        existing = read_text(id_path, "").strip() if not self.check or os.path.exists(id_path) else ""
         if existing:
             return existing
         if self.check:
@@ -279,7 +272,7 @@ class Storage:
             self.undo.append(lambda: os.unlink(id_path))
         except FileExistsError:  # another host was first: its id is the datastore's
             pass
-        return read(id_path).strip()
+        return read_text(id_path, "").strip()
 
     # --- iSCSI ---------------------------------------------------------------------------------
 
@@ -370,7 +363,7 @@ class Storage:
             time.sleep(0.1)
         self.device = device
         block = os.path.basename(os.path.realpath(device))
-        wwid = read(f"/sys/block/{block}/device/wwid").strip()
+        wwid = read_text(f"/sys/block/{block}/device/wwid", "").strip()
         return wwid or None
 
     # --- libvirt pool --------------------------------------------------------------------------
