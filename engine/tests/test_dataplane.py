@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 
 import pytest
 
@@ -40,8 +41,16 @@ async def stream_survives(pair: Pair, client, survivor: colo.Vm) -> None:
     assert (await survivor.execute("query-colo-status"))["mode"] == "none"
 
 
-def gone(vm: colo.Vm) -> bool:
-    return vm.proc is not None and vm.proc.poll() is not None
+def gone(vm: colo.Vm, within: float = 0.0) -> bool:
+    """Whether the VM's QEMU has exited, waiting up to `within` seconds for it: a SIGKILLed
+    QEMU takes a moment to die after its watcher has said so."""
+    if vm.proc is None:
+        return False
+    try:
+        vm.proc.wait(within)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -91,7 +100,7 @@ def test_hung_primary_is_fenced_and_secondary_goes_live(lab, qemu):
             primary, secondary = pair.verdict("primary"), pair.verdict("secondary")
             assert primary["outcome"] == "fenced" and "did not answer" in primary["detail"], primary
             assert secondary["outcome"] == "live", secondary
-            assert gone(pair.primary)  # SIGKILLed while stopped: it can never wake up and send
+            assert gone(pair.primary, within=10)  # SIGKILLed while stopped: it can never wake up and send
             await stream_survives(pair, client, pair.secondary)
 
     run(scenario)
@@ -114,7 +123,7 @@ def test_partition_exactly_one_side_continues_decided_by_the_datastore(lab, qemu
             survivor, fenced = (pair.primary, pair.secondary)
             if winner == "secondary":
                 survivor, fenced = fenced, survivor
-            assert gone(fenced) and not gone(survivor)
+            assert gone(fenced, within=10) and not gone(survivor)
             await stream_survives(pair, client, survivor)
 
     run(scenario)
