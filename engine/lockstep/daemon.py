@@ -223,6 +223,8 @@ class Daemon:
         if body is not None and not isinstance(body, dict):
             raise api.ApiError(400, "body must be a JSON object")
         body = body or {}
+        if not peer and (owner := self.owner_elsewhere(method, parts)):
+            return 200, await self.forward(owner, method, path, body)
         routes = self.peer_routes() if peer else self.local_routes()
         matches = [
             (m, pattern, handler)
@@ -236,6 +238,34 @@ class Daemon:
         if matches:
             raise api.ApiError(405, f"{method} not allowed on {path}")
         raise api.ApiError(404, f"no such endpoint: {method} {path}")
+
+    def owner_elsewhere(self, method: str, parts: list[str]) -> str | None:
+        """The host whose daemon drives the pair a local request is about, when it is not this one:
+        any host's socket answers for every pair (Ansible and AWX talk to whichever host they reach)."""
+        if len(parts) < 2 or parts[0] != "vms" or (method, len(parts)) not in (("GET", 2), ("POST", 3)):
+            return None
+        record = records.load(self.cfg.datastore, parts[1])
+        if record is None or record.primary.host in (self.cfg.host, None):
+            return None
+        return record.primary.host if record.primary.host in self.cfg.hosts else None
+
+    async def forward(self, owner: str, method: str, path: str, body) -> dict:
+        try:
+            request = {"method": method, "path": path, "body": body}
+            return await self.call(owner, "POST", "/peer/forward", request, timeout=900)
+        except api.ApiError:
+            if method == "GET":  # the owner is unreachable: the record still tells the state
+                return self.view(self.record(path.split("?")[0].rstrip("/").split("/")[-1]))
+            raise
+
+    async def peer_forward(self, body) -> dict:
+        method, path = body.get("method"), body.get("path")
+        if method not in ("GET", "POST") or not isinstance(path, str) or not path.startswith("/vms/"):
+            raise api.ApiError(400, "forward takes method GET or POST and a /vms/ path")
+        parts = [p for p in path.split("?")[0].split("/") if p]
+        if self.owner_elsewhere(method, parts):
+            raise api.ApiError(409, f"{parts[1]}'s primary is not on {self.cfg.host} any more: ask again")
+        return (await self.dispatch(method, path, body.get("body"), peer=False))[1]
 
     def local_routes(self):
         return {
@@ -255,6 +285,7 @@ class Daemon:
     def peer_routes(self):
         return {
             ("GET", ("peer", "info")): self.peer_info,
+            ("POST", ("peer", "forward")): self.peer_forward,
             ("POST", ("peer", "secondary", "*")): self.peer_start_secondary,
             ("POST", ("peer", "watch", "*")): self.peer_watch,
             ("POST", ("peer", "stop", "*")): self.peer_stop,
@@ -282,7 +313,8 @@ class Daemon:
         return self.locks.setdefault(name, asyncio.Lock())
 
     def view(self, record: Record) -> dict:
-        stats = self.stats.get(record.name, Stats()).view() if record.primary.host == self.cfg.host else {}
+        here = record.primary.host == self.cfg.host
+        stats = self.stats.get(record.name, Stats()).view() if here else {}
         alarm = {"need_secondary": "red", "disabled": "yellow"}.get(record.state, "green")
         if record.state == "running":
             alarm = latency_band(stats.get("lockstep_interval_s"))
@@ -291,12 +323,18 @@ class Daemon:
             "generation": record.generation, "primary": record.primary.host,
             "secondary_host": record.secondary.host if record.secondary else None,
             "mode": record.mode, "checkpoint_ms": record.checkpoint_ms, "alarm": alarm, "stats": stats,
+            "preferred_secondary": record.preferred_secondary, "guest": record.guest,
+            "datastore": str(self.cfg.datastore),
+            # the primary's disk image (each side keeps its own copy): known on the primary's host
+            "disks": [str(colo.disk_path(colo.Guest(**record.guest), self.host))]
+            if here and record.guest.get("disk_mib") else [],
         }  # fmt: skip
 
     async def op_status(self, body) -> dict:
         pairs = [self.view(r) for r in records.load_all(self.cfg.datastore).values()]
         local = [f"{n} (secondary)" if e.role == "secondary" else n for n, e in sorted(self.local.items())]
         return {"host": self.cfg.host, "mode": str(self.mode), "pairs": pairs, "local_vms": local,
+                "hosts": self.cfg.hosts, "datastore": str(self.cfg.datastore), "caps": asdict(self.cfg.caps),
                 "alarms": [{"vm": p["name"], "level": p["alarm"], "state": p["state"], "reason": p["reason"]}
                            for p in pairs if p["alarm"] != "green"]}  # fmt: skip
 
@@ -370,14 +408,27 @@ class Daemon:
     async def op_enable(self, name: str, body) -> dict:
         async with self.lock(name):
             record = self.owned(name)
+            interval = body.get("checkpoint_ms")
+            if interval is not None and (not isinstance(interval, int) or not 1 <= interval <= 600_000):
+                raise api.ApiError(400, "checkpoint_ms must be a whole number of milliseconds, 1 to 600000")
+            preferred = body.get("secondary_host") or None
+            if preferred is not None and preferred not in self.cfg.hosts:
+                raise api.ApiError(400, f"secondary_host must be one of {', '.join(self.cfg.hosts)}")
             if record.state in (FtState.RUNNING, FtState.STARTING, FtState.NEED_SECONDARY):
-                return {"changed": False, "vm": self.view(record)}
+                if interval is None or interval == record.checkpoint_ms:
+                    return {"changed": False, "vm": self.view(record)}
+                if record.state == FtState.RUNNING:  # QEMU takes a new interval while replicating
+                    await self.vms[name].execute("migrate-set-parameters", {"x-checkpoint-delay": interval})
+                record.checkpoint_ms = interval
+                self.save(record)
+                self.log("checkpoint_interval", vm=name, checkpoint_ms=interval)
+                return {"changed": True, "vm": self.view(record)}
             others = records.load_all(self.cfg.datastore)
             if why := placement.admit(self.cfg.host, record.guest, others, self.cfg.caps, name):
                 raise api.ApiError(409, f"refused: {'; '.join(why)}")
-            record.preferred_secondary = body.get("secondary_host") or None
-            if isinstance(body.get("checkpoint_ms"), int) and body["checkpoint_ms"] > 0:
-                record.checkpoint_ms = body["checkpoint_ms"]
+            record.preferred_secondary = preferred
+            if interval is not None:
+                record.checkpoint_ms = interval
             self.transition(record, Action.ENABLE, Reason.USER_ACTION)
             self.save(record)
             await self.protect(record)

@@ -1,0 +1,315 @@
+#!/usr/bin/python
+# Copyright: ft developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+
+DOCUMENTATION = r"""
+---
+module: ft_vm
+short_description: Turn Fault Tolerance on, suspend it or turn it off for a VM
+version_added: "0.1.0"
+description:
+  - C(enabled) ("Turn On FT") starts a secondary on another host, copies the VM there and keeps the
+    two in lockstep; it returns once the pair is C(running) (see O(wait)). Before that the VM is
+    checked and refused with every reason at once - devices the secondary cannot replay (USB
+    controllers and devices, sound cards, the host's CD-ROM or floppy drive, hostdev passthrough,
+    C(device='lun') disks), snapshots, disks or boot files not on the shared datastore. Thin
+    (sparse) disk images are made thick (every block allocated) first, noted in RV(notes).
+  - C(disabled) ("Suspend FT") stops the secondary; the pair's set-up is kept and C(enabled) turns
+    it on again.
+  - C(absent) ("Turn Off FT") removes the secondary and the FT set-up; the VM keeps running.
+  - The VM keeps running through every change. The module talks to lockstepd on the managed host,
+    whichever FT host that is.
+  - A VM lockstepd does not run yet is started under it from O(definition) (C(enabled),
+    C(disabled)); a libvirt domain of the same name on the managed host is checked as above.
+author:
+  - ft developers (@ft-lockstep)
+extends_documentation_fragment:
+  - ft.lockstep.engine
+options:
+  name:
+    description: The VM.
+    type: str
+    required: true
+  state:
+    description: What FT should be for the VM.
+    type: str
+    choices: [enabled, disabled, absent]
+    default: enabled
+  checkpoint_ms:
+    description:
+      - Longest time between two checkpoints (checkpoint mode) or forced checkpoints (lockstep
+        mode), in milliseconds. Applied to a running pair at once. Defaults to the engine's.
+    type: int
+  secondary_host:
+    description: The FT host preferred for the secondary (placement may still refuse it, with the reason).
+    type: str
+  wait:
+    description: Wait until the pair is C(running) (C(enabled)); fail with its state and reason if not.
+    type: bool
+    default: true
+  wait_timeout:
+    description: Seconds to wait.
+    type: int
+    default: 600
+  definition:
+    description:
+      - The VM to start under lockstepd on the managed host when the engine does not run it yet
+        (ignored when it does). Boot files should be on the shared datastore.
+    type: dict
+    suboptions:
+      memory_mib:
+        description: Memory.
+        type: int
+        default: 256
+      vcpus:
+        description: Virtual CPUs.
+        type: int
+        default: 1
+      mac:
+        description: MAC address of its NIC on the VM network.
+        type: str
+        required: true
+      kernel:
+        description: Kernel to boot.
+        type: path
+      initrd:
+        description: Initial ramdisk.
+        type: path
+      cmdline:
+        description: Kernel command line.
+        type: str
+        default: ""
+      disk_mib:
+        description: Size of a virtio disk (each host keeps a replicated copy).
+        type: int
+  libvirt_uri:
+    description: libvirt on the managed host, where a domain of the same name is checked.
+    type: str
+    default: qemu:///system
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: full
+"""
+
+EXAMPLES = r"""
+- name: Turn On FT for db1 and wait for the pair to run
+  ft.lockstep.ft_vm:
+    name: db1
+    state: enabled
+    checkpoint_ms: 100
+    secondary_host: kvm3
+
+- name: Suspend FT (secondary stopped, set-up kept)
+  ft.lockstep.ft_vm:
+    name: db1
+    state: disabled
+
+- name: Turn Off FT (the VM keeps running)
+  ft.lockstep.ft_vm:
+    name: db1
+    state: absent
+"""
+
+RETURN = r"""
+vm:
+  description: The pair as lockstepd reports it after the change (in check mode, as it was).
+  returned: when the engine knows the VM
+  type: dict
+  contains:
+    state:
+      description: FT state (not_configured, starting, running, need_secondary, disabled).
+      type: str
+      sample: running
+    reason:
+      description: Why it is in that state.
+      type: str
+      sample: entered_lockstep
+    primary:
+      description: Host of the primary.
+      type: str
+    secondary_host:
+      description: Host of the secondary, if any.
+      type: str
+    stats:
+      description: Statistics (on the primary's host's answer).
+      type: dict
+reasons:
+  description: Every reason the VM was refused.
+  returned: failed with reasons
+  type: list
+  elements: str
+notes:
+  description: What was done besides the state change (thin disks made thick, the VM started).
+  returned: always
+  type: list
+  elements: str
+"""
+
+import traceback
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.ft.lockstep.plugins.module_utils import vm_checks
+from ansible_collections.ft.lockstep.plugins.module_utils.engine import Engine, EngineError
+
+LIBVIRT_ERROR = None
+try:
+    import libvirt
+except ImportError:
+    LIBVIRT_ERROR = traceback.format_exc()
+
+ON = ("running", "starting", "need_secondary")
+OFF = ("disabled", "not_configured")
+
+
+def libvirt_domain(module):
+    """(domain XML, snapshot count) of the libvirt domain of that name, or None."""
+    if LIBVIRT_ERROR:
+        module.warn(
+            "libvirt-python is missing: no libvirt domain named {} checked".format(module.params["name"])
+        )
+        return None
+    libvirt.registerErrorHandler(lambda *_: None, None)
+    try:
+        conn = libvirt.openReadOnly(module.params["libvirt_uri"])
+    except libvirt.libvirtError as e:
+        module.warn("libvirt at {}: {} (no domain checked)".format(module.params["libvirt_uri"], e))
+        return None
+    try:
+        dom = conn.lookupByName(module.params["name"])
+        return dom.XMLDesc(0), dom.snapshotNum(0)
+    except libvirt.libvirtError:
+        return None
+    finally:
+        conn.close()
+
+
+def summary(view):
+    if view is None:
+        return {"state": "not_running_under_lockstepd"}
+    return {k: view.get(k) for k in ("state", "primary", "secondary_host", "checkpoint_ms")}
+
+
+def refusals(module, engine, view):
+    """Every reason the VM cannot be protected, and the thin disks to make thick."""
+    p = module.params
+    datastore = (view or {}).get("datastore") or engine.request("GET", "/status").get("datastore")
+    problems = []
+    domain = libvirt_domain(module)
+    if domain is not None:
+        problems += vm_checks.domain_problems(domain[0], datastore, snapshots=domain[1])
+        if view is None:
+            problems.append(
+                "{} is a libvirt domain: lockstepd protects the VMs it runs itself; start it "
+                "under lockstepd (definition) - it cannot take over a libvirt-run QEMU".format(p["name"])
+            )
+    guest = (view or {}).get("guest") or p["definition"] or {}
+    problems += vm_checks.boot_file_problems(guest, datastore)
+    if view is None and domain is None and not p["definition"]:
+        problems.append("lockstepd runs no VM named {}: give its definition to start it".format(p["name"]))
+    thin = [d for d in (view or {}).get("disks", []) if vm_checks.is_thin(d)]
+    return problems, thin
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            name=dict(type="str", required=True),
+            state=dict(type="str", default="enabled", choices=["enabled", "disabled", "absent"]),
+            checkpoint_ms=dict(type="int"),
+            secondary_host=dict(type="str"),
+            wait=dict(type="bool", default=True),
+            wait_timeout=dict(type="int", default=600),
+            definition=dict(
+                type="dict",
+                options=dict(
+                    memory_mib=dict(type="int", default=256),
+                    vcpus=dict(type="int", default=1),
+                    mac=dict(type="str", required=True),
+                    kernel=dict(type="path"),
+                    initrd=dict(type="path"),
+                    cmdline=dict(type="str", default=""),
+                    disk_mib=dict(type="int"),
+                ),
+            ),
+            libvirt_uri=dict(type="str", default="qemu:///system"),
+            socket=dict(type="path", default="/run/lockstepd.sock"),
+        ),
+        supports_check_mode=True,
+    )
+    p = module.params
+    name, state = p["name"], p["state"]
+    engine = Engine(p["socket"], timeout=p["wait_timeout"] + 60)
+    notes = []
+    try:
+        view = engine.vm(name)
+        before = summary(view)
+        if state == "absent" and view is None:
+            module.exit_json(changed=False, notes=notes)
+        want_on = state == "enabled"
+        on = view is not None and view["state"] in ON
+        interval_change = (
+            want_on and on and p["checkpoint_ms"] is not None and p["checkpoint_ms"] != view["checkpoint_ms"]
+        )
+        if want_on and not on:
+            problems, thin = refusals(module, engine, view)
+            if problems:
+                module.fail_json(
+                    msg="{} refused: {}".format(name, "; ".join(problems)),
+                    reasons=problems,
+                    vm=view,
+                    notes=notes,
+                )
+            for disk in thin:
+                if not module.check_mode:
+                    vm_checks.thicken(disk)
+                notes.append(f"thin disk {disk} made thick (every block allocated)")
+        if view is None:
+            changed = True  # started under lockstepd (state absent has returned above)
+        elif state == "enabled":
+            changed = not on or interval_change
+        elif state == "disabled":
+            changed = view["state"] not in OFF
+        else:
+            changed = view["state"] != "not_configured"
+        after = dict(before)
+        if changed:
+            after["state"] = {"enabled": "running", "disabled": "disabled", "absent": "not_configured"}[state]
+            if interval_change or (want_on and p["checkpoint_ms"] is not None):
+                after["checkpoint_ms"] = p["checkpoint_ms"]
+        diff = {"before": before, "after": after}
+        if module.check_mode or not changed:
+            module.exit_json(changed=changed, vm=view, notes=notes, diff=diff)
+        if view is None:
+            body = dict((k, v) for k, v in p["definition"].items() if v is not None)
+            view = engine.request("POST", "/vms", dict(body, name=name))["vm"]
+            notes.append("{} started under lockstepd on {}".format(name, view["primary"]))
+        if state == "enabled":
+            body = {"checkpoint_ms": p["checkpoint_ms"], "secondary_host": p["secondary_host"]}
+            view = engine.request(
+                "POST", f"/vms/{name}/enable", dict((k, v) for k, v in body.items() if v is not None)
+            )["vm"]
+            if p["wait"] and view["state"] != "running":
+                view, ok = engine.await_vm(name, lambda v: v["state"] == "running", p["wait_timeout"])
+                if not ok:
+                    module.fail_json(
+                        msg=f"{name} did not reach running within {p['wait_timeout']} s: "
+                        f"{view['state']} ({view['reason']})",
+                        vm=view,
+                        notes=notes,
+                    )
+        elif state == "disabled" and view["state"] not in OFF:
+            view = engine.request("POST", f"/vms/{name}/disable")["vm"]
+        elif state == "absent":
+            view = engine.request("POST", f"/vms/{name}/absent")["vm"]
+        diff["after"] = summary(view)
+        module.exit_json(changed=True, vm=view, notes=notes, diff=diff)
+    except EngineError as e:
+        module.fail_json(msg=e.message, status=e.status, notes=notes)
+
+
+if __name__ == "__main__":
+    main()
