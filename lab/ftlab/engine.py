@@ -116,7 +116,7 @@ def kill_host(index: int) -> list[str]:
 
 def guest_body(name: str, index: int) -> dict:
     """The lab guest (its TCP services checked byte by byte) as a VM for lockstepd."""
-    image = lab_guest.build_image()
+    image = lab.GUEST_IMAGES  # on the shared datastore (labctl up copies it there)
     return {
         "name": name, "mac": t.guest_mac(index), "memory_mib": 256, "kernel": f"{image}/vmlinuz",
         "initrd": f"{image}/initrd.img", "cmdline": f"console=ttyS0 ft.ip={t.guest_ip(index)}/24",

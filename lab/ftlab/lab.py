@@ -48,6 +48,8 @@ REQUIRED = [
     "iscsi-ls",
 ]
 LIBVIRT_DIRS = ["etc/libvirt", "var/lib/libvirt", "var/log/libvirt", "var/cache/libvirt"]
+# what the ft_engine role installs: each lab host has its own, like a real server
+ENGINE_DIRS = ["etc/lockstep", "opt/lockstep", "var/lib/lockstep"]
 
 # PID 1 of a node's mount + UTS namespaces (inside its network namespace): it sets the node
 # up, then holds the namespaces until down kills it. A private /run keeps daemons' sockets
@@ -56,7 +58,7 @@ HOLDER = """set -e
 hostname "$1"; shift
 mount -t tmpfs -o mode=0755 ftlab-run /run
 mkdir -p /run/sshd /run/lock /run/libvirt /run/rpcbind
-while [ $# -gt 1 ]; do mount --bind "$1" "$2"; shift 2; done
+while [ $# -gt 1 ]; do mkdir -p "$2"; mount --bind "$1" "$2"; shift 2; done
 ip link set lo up
 exec sleep infinity
 """
@@ -287,9 +289,9 @@ migration_host = "{mig}"
 
 def prepare_host_dirs(h: t.Host) -> list[tuple[Path, str]]:
     binds = []
-    for d in LIBVIRT_DIRS:
+    for d in LIBVIRT_DIRS + ENGINE_DIRS:
         src = h.dir / d.replace("/", "-")
-        if Path("/" + d).is_dir():
+        if d in LIBVIRT_DIRS and Path("/" + d).is_dir():
             shutil.copytree("/" + d, src, symlinks=True, dirs_exist_ok=True)
         src.mkdir(parents=True, exist_ok=True)
         binds.append((src, "/" + d))
@@ -335,6 +337,26 @@ def make_ssh_key() -> None:
     authorized.write_text(Path(f"{t.SSH_KEY}.pub").read_text())
 
 
+GUEST_IMAGES = t.DATASTORE / "images"  # the lab guest's kernel and initrd, on the shared datastore
+
+
+def lab_qemu_path() -> str:
+    from .colopair import lab_qemu  # built by lab/install (cached)
+
+    return lab_qemu()
+
+
+def copy_guest_image() -> None:
+    """The lab guest boots from files on the shared datastore, as an FT VM's must be: its
+    secondary may start on any host."""
+    from .guest import build_image
+
+    image = build_image()
+    GUEST_IMAGES.mkdir(parents=True, exist_ok=True)
+    for name in ("vmlinuz", "initrd.img"):
+        shutil.copyfile(image / name, GUEST_IMAGES / name)
+
+
 def write_inventory(hosts: list[t.Host]) -> None:
     inventory = {
         "all": {
@@ -360,6 +382,8 @@ def write_inventory(hosts: list[t.Host]) -> None:
                 "ft_nfs_server": t.STORAGE_IP,
                 "ft_iscsi_target": t.ISCSI_IQN,
                 "ft_require_kvm": False,  # the lab runs its guests under TCG (shared/LAB-FACTS.md)
+                "ft_engine_qemu": lab_qemu_path(),
+                "ft_lab_guest_image": str(GUEST_IMAGES),
             },
         }
     }
@@ -405,6 +429,7 @@ def up(n_hosts: int) -> None:
                 120,
                 0.5,
             )
+        copy_guest_image()
         write_inventory(hosts)
     except BaseException:
         say("up failed: removing what it made")

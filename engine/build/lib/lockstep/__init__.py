@@ -1,0 +1,3 @@
+"""The ft lockstep engine."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,451 @@
+"""The QEMU COLO data plane: start a primary and a secondary of one guest on two hosts, enter
+replication, and fail over in either direction. QMP through qemu.qmp (see qmp.py).
+
+Two modes share this code (docs/adr/0002-data-plane.md):
+- lockstep: COLO proper. The secondary runs the same input as the primary (mirrored packets);
+  colo-compare releases the primary's output when the secondary's matches, and checkpoints
+  when they differ or every checkpoint interval. For KVM hosts.
+- checkpoint: the secondary is started with -S and stays passive: it loads every checkpoint but
+  does not run until failover (a QEMU with lab/qemu/colo-passive-secondary.patch). colo-compare
+  then holds each packet of the primary until the checkpoint that produced it has reached the
+  secondary - Remus's output commit, at a cost of up to one checkpoint interval of latency.
+  Experimental.
+
+Both modes survive losing either side with the client's TCP connection intact (tests in
+engine/tests/test_dataplane.py). Who fails over when is decided by watch.py.
+
+Network: the primary's NIC is a tap on the VM network bridge. The secondary's tap is on the
+same bridge but kept down until failover, so the twin never answers on the VM network while the
+primary lives. Mirror, compare and checkpoint traffic use the hosts' FT-logging addresses."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+from qemu.qmp import QMPClient
+
+from . import probe
+from .qmp import connect
+
+
+class Mode(StrEnum):
+    LOCKSTEP = "lockstep"
+    CHECKPOINT = "checkpoint"
+
+
+class DataPlaneError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Guest:
+    """What both sides run. The lab boots a kernel directly; disk_mib gives the guest a
+    replicated virtio disk (each host keeps its own copy, created empty on both sides)."""
+
+    name: str
+    mac: str
+    memory_mib: int = 256
+    vcpus: int = 1
+    kernel: str | None = None
+    initrd: str | None = None
+    cmdline: str = ""
+    disk_mib: int | None = None
+
+
+@dataclass(frozen=True)
+class Host:
+    """One host's end of a pair: how to run things there and its addresses."""
+
+    name: str
+    ft_ip: str  # address on the FT-logging network
+    run_dir: Path  # QMP socket, console and log of the VMs this host runs
+    qemu: tuple[str, ...] = ("qemu-system-x86_64",)
+    prefix: tuple[str, ...] = ()  # e.g. nsenter into a lab host; empty on a real host
+    bridge: str = "vmbr0"  # the VM network
+    accel: str = "tcg"
+
+    def run(self, *cmd: str) -> None:
+        proc = subprocess.run([*self.prefix, *cmd], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise DataPlaneError(f"{self.name}: {' '.join(cmd)}: {proc.stderr.strip()}")
+
+
+@dataclass(frozen=True)
+class Ports:
+    """TCP ports of one pair (several pairs on a host need distinct bases)."""
+
+    base: int = 9000
+
+    @property
+    def mirror(self) -> int:  # primary -> secondary: the primary's incoming packets
+        return self.base + 3
+
+    @property
+    def compare(self) -> int:  # secondary -> primary: the secondary's outgoing packets
+        return self.base + 4
+
+    @property
+    def migrate(self) -> int:  # primary -> secondary: the initial copy, then checkpoints
+        return self.base + 8
+
+    @property
+    def local_in(self) -> int:  # on the primary: its outgoing packets into colo-compare
+        return self.base + 1
+
+    @property
+    def local_out(self) -> int:  # on the primary: colo-compare's released packets back
+        return self.base + 5
+
+    @property
+    def nbd(self) -> int:  # on the secondary: its disk, written by the primary's replication
+        return self.base + 9
+
+    @property
+    def heartbeat(self) -> int:  # UDP, each side's watcher (watch.py)
+        return self.base + 10
+
+
+async def check_hosts(*hosts: Host) -> None:
+    """The capability probe on each host of a pair, before anything is started on either: both
+    QEMUs must have what COLO needs and be the same build."""
+    try:
+        caps = {h.name: await asyncio.to_thread(probe.probe, [*h.prefix, *h.qemu]) for h in hosts}
+    except probe.ProbeError as e:
+        raise DataPlaneError(f"refused: capability probe failed: {e}") from None
+    if reasons := probe.compare(caps):
+        raise DataPlaneError("refused: " + "; ".join(reasons))
+
+
+def tap_name(guest: Guest, role: str) -> str:
+    return f"ft{role[0]}-{guest.name}"[:15]
+
+
+def disk_path(guest: Guest, host: Host, layer: str = "disk") -> Path:
+    """The guest's disk on a host; the secondary also has the active and hidden overlays of
+    block replication (QEMU's docs/block-replication.txt)."""
+    return host.run_dir / f"{guest.name}.{layer}.{'raw' if layer == 'disk' else 'qcow2'}"
+
+
+def disk_argv(guest: Guest, host: Host, role: str) -> list[str]:
+    """The disk behind a quorum node colo-disk0: on the primary its one child is the local disk
+    (replication to the secondary is added when replication starts); on the secondary the
+    local disk is written by the primary over NBD while the secondary VM sees it through
+    replication's overlays, which the failover commits."""
+    if not guest.disk_mib:
+        return []
+    disk = disk_path(guest, host)
+    quorum = "driver=quorum,read-pattern=fifo,vote-threshold=1,id=colo-disk0,if=none"
+    if role == "primary":
+        drives = [f"{quorum},children.0.file.filename={disk},children.0.driver=raw"]
+    else:
+        active, hidden = disk_path(guest, host, "active"), disk_path(guest, host, "hidden")
+        drives = [
+            f"if=none,id=parent0,file.filename={disk},driver=raw",
+            f"if=none,id=childs0,driver=replication,mode=secondary,top-id=colo-disk0,file.driver=qcow2,"
+            f"file.file.filename={active},file.backing.driver=qcow2,"
+            f"file.backing.file.filename={hidden},file.backing.backing=parent0",
+            f"{quorum},children.0=childs0",
+        ]
+    return [arg for d in drives for arg in ("-drive", d)] + ["-device", "virtio-blk-pci,drive=colo-disk0"]
+
+
+def _common_argv(guest: Guest, host: Host, role: str, tap: str) -> list[str]:
+    argv = [
+        *host.prefix,
+        *host.qemu,
+        "-name",
+        f"{guest.name} ({role})",
+        "-accel",
+        host.accel,
+        "-cpu",
+        "qemu64" if host.accel == "tcg" else "host",
+        "-m",
+        str(guest.memory_mib),
+        "-smp",
+        str(guest.vcpus),
+        "-nodefaults",
+        "-display",
+        "none",
+        "-no-user-config",
+        "-no-shutdown",  # a guest powering off leaves QEMU up: the engine stops the pair, no failover
+        "-serial",
+        f"file:{host.run_dir / f'{guest.name}.{role}.console'}",
+        "-qmp",
+        f"unix:{host.run_dir / f'{guest.name}.{role}.qmp'},server=on,wait=off",
+        "-qmp",  # a second monitor for the engine's watcher (watch.py)
+        f"unix:{host.run_dir / f'{guest.name}.{role}.engine.qmp'},server=on,wait=off",
+        "-netdev",
+        f"tap,id=hn0,ifname={tap},script=no,downscript=no,vhost=off",
+        "-device",
+        f"virtio-net-pci,netdev=hn0,mac={guest.mac},romfile=",
+    ]
+    if guest.kernel:
+        argv += ["-kernel", guest.kernel, "-initrd", guest.initrd or "", "-append", guest.cmdline]
+    return argv + disk_argv(guest, host, role)
+
+
+def primary_argv(guest: Guest, host: Host, ports: Ports) -> list[str]:
+    """The primary boots like any VM; its COLO filters are added just before replication starts
+    (colo-compare holds all output until then)."""
+    ip = host.ft_ip
+    return _common_argv(guest, host, "primary", tap_name(guest, "primary")) + [
+        "-chardev", f"socket,id=mirror0,host={ip},port={ports.mirror},server=on,wait=off",
+        "-chardev", f"socket,id=compare1,host={ip},port={ports.compare},server=on,wait=off",
+        "-chardev", f"socket,id=compare0,host=127.0.0.1,port={ports.local_in},server=on,wait=off",
+        "-chardev", f"socket,id=compare0-0,host=127.0.0.1,port={ports.local_in}",
+        "-chardev", f"socket,id=compare_out,host=127.0.0.1,port={ports.local_out},server=on,wait=off",
+        "-chardev", f"socket,id=compare_out0,host=127.0.0.1,port={ports.local_out}",
+    ]  # fmt: skip
+
+
+def secondary_argv(guest: Guest, host: Host, primary: Host, ports: Ports, mode: Mode) -> list[str]:
+    p = primary.ft_ip
+    argv = _common_argv(guest, host, "secondary", tap_name(guest, "secondary"))
+    if mode is Mode.LOCKSTEP:
+        argv += [
+            "-chardev", f"socket,id=red0,host={p},port={ports.mirror},reconnect=1",
+            "-chardev", f"socket,id=red1,host={p},port={ports.compare},reconnect=1",
+            "-object", "filter-redirector,id=f1,netdev=hn0,queue=tx,indev=red0,vnet_hdr_support=on",
+            "-object", "filter-redirector,id=f2,netdev=hn0,queue=rx,outdev=red1,vnet_hdr_support=on",
+            "-object", "filter-rewriter,id=rew0,netdev=hn0,queue=all,vnet_hdr_support=on",
+        ]  # fmt: skip
+    else:
+        argv += ["-S"]  # passive: loads checkpoints, runs only after failover
+    return argv + ["-incoming", f"tcp:{host.ft_ip}:{ports.migrate}"]
+
+
+@dataclass
+class Vm:
+    """One running QEMU of a pair and its QMP connection."""
+
+    guest: Guest
+    host: Host
+    role: str
+    proc: subprocess.Popen | None = None
+    qmp: QMPClient | None = None
+    log: Path | None = field(default=None)
+
+    @property
+    def qmp_path(self) -> Path:
+        return self.host.run_dir / f"{self.guest.name}.{self.role}.qmp"
+
+    @property
+    def engine_qmp_path(self) -> Path:
+        return self.host.run_dir / f"{self.guest.name}.{self.role}.engine.qmp"
+
+    async def start(self, argv: list[str], tap_up: bool) -> None:
+        tap = tap_name(self.guest, self.role)
+        with contextlib.suppress(DataPlaneError):
+            self.host.run("ip", "link", "del", tap)
+        self.host.run("ip", "tuntap", "add", tap, "mode", "tap")
+        self.host.run("ip", "link", "set", tap, "master", self.host.bridge)
+        if tap_up:
+            self.host.run("ip", "link", "set", tap, "up")
+        if self.guest.disk_mib:  # a fresh, empty disk on both sides: identical at the start
+            size = f"{self.guest.disk_mib}M"
+            layers = ("disk", "active", "hidden") if self.role == "secondary" else ("disk",)
+            for layer in layers:
+                path = disk_path(self.guest, self.host, layer)
+                self.host.run("qemu-img", "create", "-q", "-f", path.suffix[1:], str(path), size)
+        self.qmp_path.unlink(missing_ok=True)
+        self.log = self.host.run_dir / f"{self.guest.name}.{self.role}.log"
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        try:
+            self.qmp = await connect(
+                str(self.qmp_path), 20, name=f"{self.guest.name}.{self.role}", proc=self.proc
+            )
+        except Exception:
+            raise DataPlaneError(
+                f"{self.role} QEMU on {self.host.name} did not start: {self.log.read_text().strip()[-500:]}"
+            ) from None
+
+    async def execute(self, cmd: str, args: dict | None = None, timeout: float = 10.0):
+        assert self.qmp is not None
+        return await asyncio.wait_for(self.qmp.execute(cmd, args), timeout)
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    async def close(self) -> None:
+        if self.qmp:
+            with contextlib.suppress(Exception):
+                await self.qmp.disconnect()
+        self.kill()
+
+
+# The tap runs with vnet_hdr (virtio-net offloads), so every packet in the filters carries a
+# virtio-net header: each filter and colo-compare must be told (vnet_hdr_support), or
+# colo-compare cannot parse a packet, calls it unsupported and releases it at once - no
+# output commit at all, and a failover loses the client's connection.
+COLO_FILTERS = [
+    {"qom-type": "filter-mirror", "id": "m0", "netdev": "hn0", "queue": "tx", "outdev": "mirror0",
+     "vnet_hdr_support": True},
+    {"qom-type": "filter-redirector", "id": "redire0", "netdev": "hn0", "queue": "rx",
+     "indev": "compare_out", "vnet_hdr_support": True},
+    {"qom-type": "filter-redirector", "id": "redire1", "netdev": "hn0", "queue": "rx",
+     "outdev": "compare0", "vnet_hdr_support": True},
+    {"qom-type": "iothread", "id": "iothread1"},
+    {"qom-type": "colo-compare", "id": "comp0", "primary_in": "compare0-0", "secondary_in": "compare1",
+     "outdev": "compare_out0", "iothread": "iothread1", "vnet_hdr_support": True},
+]  # fmt: skip
+
+
+def colo_filters(mode: Mode) -> list[dict]:
+    """The objects the primary gets for replication, in creation order (a passive twin runs
+    nothing, so nothing is mirrored to it)."""
+    return COLO_FILTERS if mode is Mode.LOCKSTEP else COLO_FILTERS[1:]
+
+
+async def enter_colo(
+    primary: Vm, secondary: Vm, ports: Ports, checkpoint_ms: int, mode: Mode, timeout: float = 120.0
+) -> None:
+    """Copy the running primary to the waiting secondary and keep them in replication; returns
+    once the primary reports migration status 'colo'."""
+    await prepare_secondary(secondary, ports)
+    await start_replication(primary, secondary.host.ft_ip, ports, checkpoint_ms, mode, timeout)
+
+
+async def prepare_secondary(secondary: Vm, ports: Ports) -> None:
+    """The waiting secondary's side of entering replication (on its own host)."""
+    await secondary.execute("migrate-set-capabilities", COLO_CAPABILITY)
+    if secondary.guest.disk_mib:  # the primary's writes go to the secondary's disk too, over NBD
+        nbd = {"type": "inet", "data": {"host": secondary.host.ft_ip, "port": str(ports.nbd)}}
+        await secondary.execute("nbd-server-start", {"addr": nbd})
+        await secondary.execute("nbd-server-add", {"device": "parent0", "writable": True})
+
+
+async def start_replication(
+    primary: Vm, secondary_ip: str, ports: Ports, checkpoint_ms: int, mode: Mode, timeout: float = 120.0
+) -> None:
+    """The primary's side: copy and replicate the disk, add the filters, start checkpointing."""
+    if primary.guest.disk_mib:
+        await resync_disk(primary, secondary_ip, ports, timeout)
+        await hmp(primary, f"drive_add -n buddy driver=replication,mode=primary,file.driver=nbd,"
+                           f"file.host={secondary_ip},file.port={ports.nbd},file.export=parent0,"
+                           f"node-name=replication0")  # fmt: skip
+        await primary.execute("x-blockdev-change", {"parent": "colo-disk0", "node": "replication0"})
+    await add_primary_chardevs(primary, ports, mode)
+    objects = {o["name"] for o in await primary.execute("qom-list", {"path": "/objects"})}
+    for f in colo_filters(mode):
+        if "rew0" in objects and f["qom-type"].startswith("filter-"):  # a former lockstep secondary:
+            f = f | {"insert": "before", "position": "id=rew0"}  # its rewriter stays last
+        await primary.execute("object-add", f)
+    await primary.execute("migrate-set-capabilities", COLO_CAPABILITY)
+    await primary.execute("migrate-set-parameters", {"x-checkpoint-delay": checkpoint_ms})
+    await primary.execute("migrate", {"uri": f"tcp:{secondary_ip}:{ports.migrate}"})
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while (status := (await primary.execute("query-migrate")).get("status")) != "colo":
+        if status in ("failed", "cancelled", "completed") or loop.time() > deadline:
+            raise DataPlaneError(f"replication did not start: migration {status}")
+        await asyncio.sleep(0.2)
+
+
+async def resync_disk(primary: Vm, secondary_ip: str, ports: Ports, timeout: float) -> None:
+    """Make the secondary's disk a copy of the primary's before replication starts (QEMU's
+    COLO-FT.txt, "resume replication"): mirror it over NBD until the copy has caught up, then
+    stop the VM and end the mirror; replication then carries every later write, and entering
+    COLO resumes the VM."""
+    target = f"nbd://{secondary_ip}:{ports.nbd}/parent0"
+    await primary.execute("drive-mirror", {"device": "colo-disk0", "job-id": "resync", "target": target,
+                                           "mode": "existing", "format": "raw", "sync": "full"})  # fmt: skip
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not any(
+        j["device"] == "resync" and j.get("ready") for j in await primary.execute("query-block-jobs")
+    ):
+        if loop.time() > deadline:
+            raise DataPlaneError(f"the disk copy to {secondary_ip} did not catch up within {timeout:.0f} s")
+        await asyncio.sleep(0.1)
+    await primary.execute("stop")
+    await primary.execute("block-job-cancel", {"device": "resync"})
+    while any(j["device"] == "resync" for j in await primary.execute("query-block-jobs")):
+        await asyncio.sleep(0.05)
+
+
+COLO_CAPABILITY = {"capabilities": [{"capability": "x-colo", "state": True}]}
+
+
+def _socket(host: str, port: int, server: bool) -> dict:
+    addr = {"type": "inet", "data": {"host": host, "port": str(port)}}
+    data = {"addr": addr, "server": server} | ({"wait": False} if server else {})
+    return {"type": "socket", "data": data}
+
+
+async def add_primary_chardevs(vm: Vm, ports: Ports, mode: Mode) -> None:
+    """The sockets the COLO filters of a primary use. A VM started as primary has them from its
+    command line; a former secondary about to protect itself again (re-protection after a
+    failover) gets them here, as QEMU's docs/COLO-FT.txt describes."""
+    have = {c["label"] for c in await vm.execute("query-chardev")}
+    ip = vm.host.ft_ip
+    wanted = [
+        ("mirror0", ip, ports.mirror, True),
+        ("compare1", ip, ports.compare, True),
+        ("compare0", "127.0.0.1", ports.local_in, True),
+        ("compare0-0", "127.0.0.1", ports.local_in, False),
+        ("compare_out", "127.0.0.1", ports.local_out, True),
+        ("compare_out0", "127.0.0.1", ports.local_out, False),
+    ]
+    for label, host, port, server in wanted:
+        if label not in have and (mode is Mode.LOCKSTEP or label != "mirror0"):
+            await vm.execute("chardev-add", {"id": label, "backend": _socket(host, port, server)})
+
+
+async def secondary_takeover(secondary: Vm, mode: Mode) -> None:
+    """The primary is lost: the secondary leaves replication, joins the VM network and runs on.
+    The caller must have won the split-brain token first (arbiter.claim)."""
+    if await secondary.execute("query-block-exports"):  # its disk was written over NBD until now
+        await secondary.execute("nbd-server-stop")
+    await secondary.execute("x-colo-lost-heartbeat")
+    if mode is Mode.LOCKSTEP:
+        for obj in ("f2", "f1"):
+            await secondary.execute("object-del", {"id": obj})
+        for dev in ("red1", "red0"):
+            await secondary.execute("chardev-remove", {"id": dev})
+    # A packet the guest sent into the removed redirector path can be left waiting for a
+    # completion that never comes, and virtio-net sends nothing more until it does. Taking the
+    # link down purges the netdev's queue, which completes every pending send.
+    for up in (False, True):
+        await secondary.execute("set_link", {"name": "hn0", "up": up})
+    if not (await secondary.execute("query-status"))["running"]:
+        await secondary.execute("cont")
+    secondary.host.run("ip", "link", "set", tap_name(secondary.guest, "secondary"), "up")
+    await announce(secondary)
+
+
+async def primary_continue_alone(primary: Vm, mode: Mode) -> None:
+    """The secondary is lost: the primary drops its COLO filters and runs unprotected."""
+    if await has_block_node(primary, "replication0"):  # stop writing to the lost secondary's disk
+        await primary.execute("x-blockdev-change", {"parent": "colo-disk0", "child": "children.1"})
+        await hmp(primary, "drive_del replication0")
+    for f in reversed(colo_filters(mode)):  # colo-compare before the iothread it runs in
+        await primary.execute("object-del", {"id": f["id"]})
+    await primary.execute("x-colo-lost-heartbeat")
+
+
+async def has_block_node(vm: Vm, name: str) -> bool:
+    """Whether the VM's block graph has this node. The failover steps follow what the running
+    QEMU has (its nodes, its NBD exports), so whoever drives them - the driver, a watcher -
+    needs no copy of the guest's configuration."""
+    nodes = await vm.execute("query-named-block-nodes", {"flat": True})
+    return any(n.get("node-name") == name for n in nodes)
+
+
+async def hmp(vm: Vm, command: str) -> None:
+    """An HMP command (drive_add/drive_del of a replication node have no QMP form in 7.2)."""
+    out = await vm.execute("human-monitor-command", {"command-line": command})
+    if out.strip():
+        raise DataPlaneError(f"{vm.role}: {command}: {out.strip()}")
+
+
+async def announce(vm: Vm) -> None:
+    """Gratuitous ARP/RARP from the VM's NIC so the network learns its new port at once."""
+    await vm.execute("announce-self", {"initial": 50, "max": 550, "rounds": 5, "step": 100})
