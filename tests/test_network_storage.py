@@ -8,7 +8,6 @@ is made twice: the second run must report no change."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from pathlib import Path
@@ -17,27 +16,12 @@ import pytest
 
 from ftlab import debian
 from ftlab import topology as t
+from ftlab.ansible import module
 
 REPO = Path(__file__).resolve().parents[1]
 VENV = REPO / ".venv" / "bin"
 
 pytestmark = [pytest.mark.lab, pytest.mark.vm, pytest.mark.slow]
-
-
-def module(hosts: str, name: str, args: dict, *extra: str, inventory: Path | None = None) -> dict[str, dict]:
-    """Run ft.lockstep.NAME on hosts; {host: result} (failed ones included, with "failed")."""
-    argv = [VENV / "ansible", hosts, "-o", "-m", f"ft.lockstep.{name}", "-a", json.dumps(args), *extra]
-    if inventory is not None:
-        argv += ["-i", str(inventory)]
-    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
-    results = {}
-    for line in proc.stdout.splitlines():
-        host, sep, rest = line.partition(" => ")
-        if sep and " | " in host:
-            name, status = host.split(" | ")[:2]
-            results[name] = json.loads(rest) | {"failed": status.startswith("FAILED")}
-    assert results, proc.stdout + proc.stderr
-    return results
 
 
 def twice(hosts, name, args, inventory=None) -> list[dict]:

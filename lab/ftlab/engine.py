@@ -30,6 +30,12 @@ def socket(index: int) -> Path:
     return t.host(index).dir / "lockstepd.sock"
 
 
+def installed_socket(index: int) -> Path:
+    """The API socket of the lockstepd the ft_engine role installed in lab host i (its /run is
+    the host's own: reached through the host's root)."""
+    return Path(f"/proc/{holder(index)}/root/run/lockstepd.sock")
+
+
 def config(index: int, n_hosts: int = 3, **overrides) -> Path:
     h = t.host(index)
     cfg = {

@@ -1,0 +1,52 @@
+"""Ansible as the tests and the main job run it: one module on some hosts, or a playbook, from the
+repository (ansible.cfg: the lab inventory, the collection, the roles)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent  # the project's virtualenv
+
+
+def module(hosts: str, name: str, args: dict, *extra: str, inventory: Path | None = None) -> dict[str, dict]:
+    """Run ft.lockstep.NAME on hosts; {host: result} (failed ones included, with "failed")."""
+    argv = [BIN / "ansible", hosts, "-o", "-m", f"ft.lockstep.{name}", "-a", json.dumps(args), *extra]
+    if inventory is not None:
+        argv += ["-i", str(inventory)]
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=900)
+    results = {}
+    for line in proc.stdout.splitlines():
+        host, sep, rest = line.partition(" => ")
+        if sep and " | " in host:
+            name, status = host.split(" | ")[:2]
+            results[name] = json.loads(rest) | {"failed": status.startswith("FAILED")}
+    if not results:
+        raise AssertionError(proc.stdout + proc.stderr)
+    return results
+
+
+RECAP = re.compile(r"^(\S+)\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
+
+
+def playbook(path: str, *extra: str, echo: bool = False, timeout: float = 1800) -> tuple[int, str, dict]:
+    """ansible-playbook PATH; (exit code, output, {host: {ok, changed, unreachable, failed}}).
+    With echo the output also goes to stdout as it comes (progress for the operator)."""
+    proc = subprocess.Popen([BIN / "ansible-playbook", path, *extra], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if echo:
+            print(line, end="", flush=True)
+    code = proc.wait(timeout)
+    out = "".join(lines)
+    recap = {
+        m[0]: dict(zip(("ok", "changed", "unreachable", "failed"), map(int, m[1:]), strict=True))
+        for m in RECAP.findall(out)
+    }
+    return code, out, recap
