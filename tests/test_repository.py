@@ -35,7 +35,7 @@ def test_python_code_is_formatted_and_lint_clean():
 
 def test_ansible_content_passes_ansible_lint_production_profile():
     lint = subprocess.run(
-        [VENV / "ansible-lint", "--offline", "--profile", "production", "playbooks/"],
+        [VENV / "ansible-lint", "--offline", "--profile", "production", "playbooks/", "roles/"],
         cwd=REPO, capture_output=True, text=True,
     )  # fmt: skip
     assert lint.returncode == 0, lint.stdout + lint.stderr
@@ -43,7 +43,15 @@ def test_ansible_content_passes_ansible_lint_production_profile():
 
 @pytest.mark.parametrize(
     "module, option",
-    [("vt_host_info", "require_kvm"), ("ft_network", "vm_interfaces"), ("ft_storage", "same_datastore_as")],
+    [
+        ("vt_host_info", "require_kvm"),
+        ("ft_network", "vm_interfaces"),
+        ("ft_storage", "same_datastore_as"),
+        ("ft_vm", "checkpoint_ms"),
+        ("ft_vm_info", "socket"),
+        ("ft_cluster_info", "socket"),
+        ("ft_drill", "action"),
+    ],
 )
 def test_the_collection_ships_its_modules_with_their_documentation(module, option):
     doc = [VENV / "ansible-doc", f"ft.lockstep.{module}"]

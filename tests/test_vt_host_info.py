@@ -55,19 +55,17 @@ def playbook(*extra: str) -> subprocess.CompletedProcess:
 
 
 def test_the_host_check_passes_where_tcg_is_accepted_and_names_each_reason_where_kvm_is_required(lab):
-    ok = playbook()  # the lab's inventory: ft_require_kvm false
+    ok = playbook()  # the lab's inventory: ft_host_require_kvm false
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    strict = playbook("-e", "ft_require_kvm=true")
+    strict = playbook("-e", "ft_host_require_kvm=true")
     assert strict.returncode != 0
     for host in ("lab-h1", "lab-h2", "lab-h3"):
         assert f"{host}: the CPU shows no VT-x/AMD-V: this host is itself a virtual machine" in strict.stdout
 
 
 def test_the_host_check_fails_when_one_host_runs_another_qemu_build(lab, tmp_path):
-    from ftlab.colopair import lab_qemu
-
-    other = tmp_path / "other.yml"  # a second inventory source: lab-h3 uses the lab's own QEMU build
-    other.write_text(json.dumps({"ft_hosts": {"hosts": {"lab-h3": {"ft_qemu": lab_qemu()}}}}))
+    other = tmp_path / "other.yml"  # a second inventory source: lab-h3 uses Debian's QEMU, not the lab's
+    other.write_text(json.dumps({"ft_hosts": {"hosts": {"lab-h3": {"ft_host_qemu": "qemu-system-x86_64"}}}}))
     mixed = playbook("-i", "inventories/lab", "-i", str(other))
     assert mixed.returncode != 0
     assert "hosts run different hypervisor builds" in mixed.stdout and "+ft-" in mixed.stdout

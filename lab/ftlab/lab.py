@@ -378,11 +378,11 @@ def write_inventory(hosts: list[t.Host]) -> None:
                 "ansible_ssh_private_key_file": str(t.SSH_KEY),
                 "ansible_ssh_common_args": "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null",
                 "ansible_python_interpreter": "/usr/bin/python3",
-                "ft_datastore_path": str(t.DATASTORE),
-                "ft_nfs_server": t.STORAGE_IP,
-                "ft_iscsi_target": t.ISCSI_IQN,
-                "ft_require_kvm": False,  # the lab runs its guests under TCG (shared/LAB-FACTS.md)
-                "ft_engine_qemu": lab_qemu_path(),
+                "ft_storage_path": str(t.DATASTORE),
+                "ft_storage_nfs_server": t.STORAGE_IP,
+                "ft_storage_iscsi_target": t.ISCSI_IQN,
+                "ft_host_require_kvm": False,  # the lab runs its guests under TCG (shared/LAB-FACTS.md)
+                "ft_lab_qemu": lab_qemu_path(),
                 "ft_lab_guest_image": str(GUEST_IMAGES),
             },
         }

@@ -15,8 +15,14 @@ author:
   - ft developers (@ft-lockstep)
 extends_documentation_fragment:
   - ft.lockstep.engine
-  - ansible.builtin.action_common_attributes
-  - ansible.builtin.action_common_attributes.info_module
+attributes:
+  check_mode:
+    description: Can run in check mode and report what would change.
+    support: full
+    details: It changes nothing.
+  diff_mode:
+    description: Returns before and after when run with --diff.
+    support: none
 """
 
 EXAMPLES = r"""

@@ -37,9 +37,11 @@ options:
     default: 600
 attributes:
   check_mode:
+    description: Can run in check mode and report what would change.
     support: full
     details: In check mode only the pair's state is checked; nothing is killed.
   diff_mode:
+    description: Returns before and after when run with --diff.
     support: none
 """
 

@@ -89,8 +89,10 @@ options:
     default: qemu:///system
 attributes:
   check_mode:
+    description: Can run in check mode and report what would change.
     support: full
   diff_mode:
+    description: Returns before and after when run with --diff.
     support: full
 """
 

@@ -1,11 +1,18 @@
-"""Argument handling of ft_network and ft_storage: what AnsibleModule refuses before any work."""
+"""Argument handling of the modules: what they refuse before any work."""
 
 import json
 
 import pytest
 from ansible.module_utils.testing import patch_module_args
 
-from ansible_collections.ft.lockstep.plugins.modules import ft_network, ft_storage
+from ansible_collections.ft.lockstep.plugins.modules import (
+    ft_cluster_info,
+    ft_drill,
+    ft_network,
+    ft_storage,
+    ft_vm,
+    ft_vm_info,
+)
 
 
 def run(main, args, capsys) -> dict:
@@ -42,3 +49,24 @@ def test_ft_storage_refuses_incomplete_or_unknown_arguments(capsys, args, messag
 def test_ft_network_refuses_incomplete_or_unknown_arguments(capsys, args, message):
     result = run(ft_network.main, args, capsys)
     assert result["failed"] and message in result["msg"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ({"state": "enabled"}, "missing required arguments: name"),
+        ({"name": "db1", "state": "on"}, "value of state must be one of: enabled, disabled, absent, got: on"),
+        ({"name": "db1", "definition": {"memory_mib": 512}}, "missing required arguments: mac"),
+    ],
+)
+def test_ft_vm_refuses_incomplete_or_unknown_arguments(capsys, args, message):
+    result = run(ft_vm.main, args, capsys)
+    assert result["failed"] and message in result["msg"]
+
+
+def test_the_engine_modules_name_the_socket_when_lockstepd_does_not_answer(capsys, tmp_path):
+    socket = str(tmp_path / "none.sock")
+    for main, args in ((ft_vm.main, {"name": "db1"}), (ft_vm_info.main, {}), (ft_cluster_info.main, {}),
+                       (ft_drill.main, {"name": "db1", "action": "test_failover"})):  # fmt: skip
+        result = run(main, args | {"socket": socket}, capsys)
+        assert result["failed"] and f"lockstepd does not answer on {socket}" in result["msg"], result
