@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import engine, guest, lab, topology
+from . import debian, engine, guest, lab, topology
 from .proc import LabError
 
 
@@ -29,6 +29,9 @@ def parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="list nodes and their services")
     st.add_argument("--json", action="store_true")
     guest.add_commands(sub)
+    deb = sub.add_parser("debian", help="the Debian guest (bonds, NFS, iSCSI, systemd) as host debian")
+    deb.add_argument("action", choices=["start", "stop"])
+    deb.set_defaults(func=debian.cmd_debian)
     demo = sub.add_parser("demo", help="the main job: lab up, lockstepd, a guest protected, a failover drill")
     demo.set_defaults(func=engine.cmd_demo)
     return p

@@ -7,7 +7,10 @@ driver reports like a real NIC's. A copy-on-write overlay keeps the cached image
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -92,7 +95,8 @@ class DebianGuest:
                 "-device",
                 f"virtio-net-pci,netdev=n{i},mac={mac},speed={speed},duplex=full",
             ]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=open(self.dir / "qemu.log", "wb"))
+        with open(self.dir / "qemu.log", "wb") as log:  # not the caller's stdout: it may be a pipe
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         state = lab.load_state()
         if state is None:
             self.__exit__(None, None, None)
@@ -174,3 +178,35 @@ class DebianGuest:
             self.proc.kill()
             self.proc.wait(10)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+LAB_INVENTORY = lab.INVENTORY.with_name("debian.yml")  # beside the lab hosts' hosts.yml
+
+
+def start() -> None:
+    """`labctl debian start`: boot the guest and leave it running, as host `debian` (group
+    ft_kernel) in the lab's inventory."""
+    if PID_FILE.exists():
+        raise LabError("the Debian guest is already running: `labctl debian stop` first")
+    guest = DebianGuest().__enter__()
+    PID_FILE.write_text(str(guest.proc.pid))
+    text = guest.inventory().read_text().replace("all:\n  hosts:", "ft_kernel:\n  hosts:", 1)
+    LAB_INVENTORY.write_text("# Written by `lab/labctl debian start`; removed by `stop` and `down`.\n" + text)
+    lab.say(f"Debian guest up at {ADDRESS}; inventory {LAB_INVENTORY.relative_to(REPO)}")
+
+
+def stop() -> None:
+    LAB_INVENTORY.unlink(missing_ok=True)
+    with contextlib.suppress(OSError, ValueError):
+        os.kill(int(PID_FILE.read_text()), signal.SIGKILL)
+    shutil.rmtree(PID_FILE.parent, ignore_errors=True)
+
+
+def cmd_debian(args) -> int:
+    if lab.load_state() is None:
+        raise lab.NotUp("the Debian guest joins the lab: `labctl up` first")
+    start() if args.action == "start" else stop()
+    return 0
+
+
+PID_FILE = t.STATE_DIR / "nodes" / "debian" / "qemu.pid"

@@ -471,6 +471,7 @@ def down(quiet: bool = False) -> None:
         if netns_inode(ns):
             run(["ip", "netns", "del", ns])
     INVENTORY.unlink(missing_ok=True)
+    INVENTORY.with_name("debian.yml").unlink(missing_ok=True)  # the Debian guest's (labctl debian)
     shutil.rmtree(t.STATE_DIR / "nodes", ignore_errors=True)
     shutil.rmtree(t.DATASTORE, ignore_errors=True)
     t.STATE_FILE.unlink()
