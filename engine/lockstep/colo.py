@@ -349,6 +349,18 @@ async def start_replication(
         await asyncio.sleep(0.2)
 
 
+async def nic_driver_ready(vm: Vm) -> bool:
+    """Whether the guest's virtio-net driver has set its NIC up (DRIVER_OK). A guest whose NIC
+    driver started after replication had begun heard nothing after a failover in the lab (the
+    stream and new connections dead, ARP unanswered); one whose driver was up first fails over
+    cleanly. So replication starts only once the driver is up (ADR 0003)."""
+    for device in await vm.execute("x-query-virtio"):
+        if device["name"] == "virtio-net":
+            status = await vm.execute("x-query-virtio-status", {"path": device["path"]})
+            return any(s.startswith("VIRTIO_CONFIG_S_DRIVER_OK") for s in status["status"]["statuses"])
+    return True
+
+
 async def resync_disk(primary: Vm, secondary_ip: str, ports: Ports, timeout: float) -> None:
     """Make the secondary's disk a copy of the primary's before replication starts (QEMU's
     COLO-FT.txt, "resume replication"): mirror it over NBD until the copy has caught up, then

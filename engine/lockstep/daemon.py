@@ -42,6 +42,7 @@ from .state import Pair as PairState
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
 MAC = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+GUEST_NIC_TIMEOUT_S = 600  # a VM protected while it boots waits this long for its NIC driver
 
 
 def alive(pid: int | None) -> bool:
@@ -566,10 +567,29 @@ class Daemon:
 
         return list(await asyncio.gather(*(info(h) for h in self.cfg.hosts)))
 
+    async def guest_nic_ready(self, record: Record) -> bool:
+        """Wait for the guest's NIC driver (colo.nic_driver_ready): a VM protected while it boots
+        is protected once its driver is up."""
+        deadline = time.monotonic() + GUEST_NIC_TIMEOUT_S
+        logged = False
+        while not await colo.nic_driver_ready(self.vms[record.name]):
+            if time.monotonic() > deadline:
+                return False
+            if not logged:
+                self.log("waiting_for_guest", vm=record.name, detail="the guest's NIC driver is not up yet")
+                logged = True
+            await asyncio.sleep(0.5)
+        return True
+
     async def protect(self, record: Record) -> None:
         """starting -> running: a secondary on the host placement picks, replication, watchers.
         On any failure: need_secondary with the reason, nothing left half-made."""
         self.last_attempt[record.name] = time.monotonic()
+        if not await self.guest_nic_ready(record):
+            detail = f"the guest's NIC driver was not up within {GUEST_NIC_TIMEOUT_S} s"
+            self.transition(record, Action.START_FAILED, Reason.START_FAILED, detail=detail)
+            self.save(record)
+            return
         chosen, why = placement.choose(await self.host_infos(), record, records.load_all(self.cfg.datastore),
                                        self.cfg.caps)  # fmt: skip
         if chosen is None:

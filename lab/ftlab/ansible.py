@@ -33,16 +33,16 @@ def module(hosts: str, name: str, args: dict, *extra: str, inventory: Path | Non
 RECAP = re.compile(r"^(\S+)\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
 
 
-def playbook(path: str, *extra: str, echo: bool = False, timeout: float = 1800) -> tuple[int, str, dict]:
+def playbook(path: str, *extra: str, echo_tasks: bool = False, timeout: float = 1800) -> tuple:
     """ansible-playbook PATH; (exit code, output, {host: {ok, changed, unreachable, failed}}).
-    With echo the output also goes to stdout as it comes (progress for the operator)."""
+    With echo_tasks each task's name is printed as it starts (progress for the operator)."""
     proc = subprocess.Popen([BIN / "ansible-playbook", path, *extra], cwd=REPO, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
     lines = []
     for line in proc.stdout:
         lines.append(line)
-        if echo:
-            print(line, end="", flush=True)
+        if echo_tasks and line.startswith(("TASK [", "RUNNING HANDLER [")):
+            print("   ", line.split(" [", 1)[1].rsplit("]", 1)[0], flush=True)
     code = proc.wait(timeout)
     out = "".join(lines)
     recap = {

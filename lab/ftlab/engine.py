@@ -4,8 +4,8 @@ bench/protect drive; on a real host the ft_engine role does the same with a syst
 
 from __future__ import annotations
 
-import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,8 +16,7 @@ import yaml
 
 from lockstep import api
 
-from . import guest as lab_guest
-from . import lab
+from . import ansible, lab
 from . import topology as t
 from .colopair import lab_qemu, set_links
 from .proc import LabError, in_node, netns_inode, pids_in_netns, spawn, wait_for
@@ -132,13 +131,6 @@ def guest_body(name: str, index: int) -> dict:
 # --- the main job ---------------------------------------------------------------------------------
 
 
-def running_daemon(index: int) -> bool:
-    try:
-        return call(index, "GET", "/status")[0] == 200
-    except OSError:
-        return False
-
-
 def await_pair(name: str, ready, timeout: float = 180) -> dict:
     """Poll every daemon for the pair until ready(view) holds; that view."""
     deadline = time.monotonic() + timeout
@@ -168,9 +160,22 @@ def in_netns(netns: str, code: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)  # fmt: skip
 
 
+def run_playbook(title: str, path: str, *extra: str) -> str:
+    """A playbook as the operator runs it, its tasks shown as they start; its output."""
+    lab.say(f"{title}: ansible-playbook {path} {' '.join(extra)}".rstrip())
+    began = time.monotonic()
+    code, out, recap = ansible.playbook(path, *extra, echo_tasks=True)
+    if code != 0:
+        raise LabError(f"{path} failed:\n{out[-3000:]}")
+    changed = ", ".join(f"{h} changed={r['changed']}" for h, r in sorted(recap.items()))
+    lab.say(f"{title}: done in {time.monotonic() - began:.0f} s ({changed})")
+    return out
+
+
 def cmd_demo(args) -> int:
-    """The main job: the lab (3 hosts, lockstepd on each), the demo guest protected, a failover
-    drill while the client checks every byte, and a report."""
+    """The main job, through Ansible as an operator runs it: the lab (3 hosts), site.yml (every
+    role: lockstepd on each host), protect.yml (the demo guest, FT on), drill.yml (Test Failover)
+    while the client checks every byte of one TCP connection, and a report."""
     from .guest import StreamFollower
 
     t0 = time.monotonic()
@@ -180,49 +185,33 @@ def cmd_demo(args) -> int:
         lab.say("the lab is already up: using it")
     if lab.load_state()["hosts"] < 3:
         raise LabError("the demo needs 3 lab hosts: `lab/labctl down`, then run it again")
-    lab.say("building (or reusing) the guest image and the lab's QEMU")
-    lab_guest.build_image()
-    lab_qemu()
-    for i in (1, 2, 3):
-        if not running_daemon(i):
-            lab.say(f"starting lockstepd on lab-h{i}")
-            start(i)
-    for i in (1, 2, 3):  # a demo of an earlier run goes first
-        with contextlib.suppress(OSError):
-            call(i, "POST", "/vms/demo/poweroff", {})
-    lab.say("starting the demo guest on lab-h1 (unprotected); waiting for it to boot")
-    ok(1, "POST", "/vms", guest_body("demo", 0))
+    run_playbook("site", "playbooks/site.yml")
+    run_playbook("protect", "playbooks/protect.yml")
+    before = api.local(installed_socket(1), "GET", "/vms/demo")[1]
+    lab.say(f"FT on: demo {before['state']}, primary {before['primary']}, "
+            f"secondary {before['secondary_host']}; waiting for the guest to answer")  # fmt: skip
     client = StreamFollower(t.guest_ip(0))
-    client.wait_for_bytes(1, 120)
+    client.wait_for_bytes(1 << 20, 180)
     lab.say("client: following the guest's stream, checking every byte")
-    began = time.monotonic()
-    before = ok(1, "POST", "/vms/demo/enable", {})["vm"]
-    to_running = time.monotonic() - began
-    lab.say(f"FT on: {before['state']} in {to_running:.1f} s, primary {before['primary']}, "
-            f"secondary {before['secondary_host']}")  # fmt: skip
-    client.wait_for_bytes(client.bytes + (1 << 20), 60)
-    lab.say("failover drill: killing the primary's QEMU (test-failover); the engine does the rest")
     client.mark()
-    began = time.monotonic()
-    ok(1, "POST", "/vms/demo/test-failover", {})
-    after = await_running("demo", before["generation"] + 1)
-    reprotect = time.monotonic() - began
+    out = run_playbook("drill", "playbooks/drill.yml", "-e", "ft_drill_vm=demo")
+    after = api.local(installed_socket(1), "GET", "/vms/demo")[1]
+    reprotect = re.search(r"protected again ([0-9.]+) s after the drill", out)
     client.wait_for_bytes(client.bytes + (1 << 20), 60)
     result = client.stop()
     follow = result.get("follow", {})
     verdict = "none lost, duplicated or reordered" if result["ok"] else f"FAILED: {result.get('error')}"
-    where = socket(index(after["primary"]))
     report = [
         "",
         "report",
-        f"  before:  {before['state']}, primary {before['primary']}, secondary {before['secondary_host']} "
-        f"(FT on in {to_running:.1f} s)",
-        f"  drill:   the primary's QEMU killed on {before['primary']}",
+        f"  before:  {before['state']}, primary {before['primary']}, secondary {before['secondary_host']}",
+        f"  drill:   Test Failover (drill.yml): the primary's QEMU killed on {before['primary']}",
         f"  after:   {after['state']}, primary {after['primary']}, secondary {after['secondary_host']} "
-        f"(re-protected {reprotect:.1f} s after the kill, no command given)",
+        f"(protected again {reprotect[1] if reprotect else '?'} s after the kill, no command given)",
         f"  client:  {follow.get('bytes', 0)} bytes of one TCP connection checked: {verdict}",
         f"           longest pause {follow.get('max_gap', float('nan')):.2f} s (the failover)",
-        f"  next:    `.venv/bin/ftctl status --socket {where}`; `lab/labctl down` removes the lab",
+        "  next:    `ansible-playbook playbooks/drill.yml -e ft_drill_vm=demo`; on a host: `ftctl status`;",
+        "           `lab/labctl down` removes the lab",
         "",
     ]
     print("\n".join(report))
