@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import tarfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 VENV = REPO / ".venv" / "bin"
@@ -24,6 +26,27 @@ def test_the_collection_builds_into_a_tarball(tmp_path):
     with tarfile.open(tarball) as tar:
         names = tar.getnames()
     assert {"MANIFEST.json", "FILES.json", "meta/runtime.yml", "README.md"} <= set(names)
+    assert "plugins/modules/ft_vm.py" in names and "plugins/doc_fragments/engine.py" in names
+
+
+def test_the_execution_environment_bakes_in_the_tarball_the_collection_builds_into():
+    version = yaml.safe_load((COLLECTION / "galaxy.yml").read_text())["version"]
+    ee = yaml.safe_load((REPO / "execution-environment.yml").read_text())
+    assert ee["version"] == 3 and ee["dependencies"]["galaxy"] == "ee/requirements.yml"
+    tarball = f"ft-lockstep-{version}.tar.gz"
+    assert [f["src"] for f in ee["additional_build_files"]] == [f"ee/{tarball}"]
+    requirements = yaml.safe_load((REPO / "ee" / "requirements.yml").read_text())
+    assert requirements["collections"] == [{"name": f"/build/collections/{tarball}", "type": "file"}]
+
+
+def test_the_example_inventory_is_a_three_host_site_with_bonds_and_nfs():
+    r = subprocess.run([VENV / "ansible-inventory", "-i", "inventories/example", "--list"],
+                       cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    inventory = json.loads(r.stdout)
+    assert inventory["ft_hosts"]["hosts"] == ["kvm1", "kvm2", "kvm3"]
+    kvm1 = inventory["_meta"]["hostvars"]["kvm1"]
+    assert kvm1["ft_storage_type"] == "nfs" and all(len(n["members"]) == 2 for n in kvm1["ft_network_list"])
 
 
 def test_python_code_is_formatted_and_lint_clean():
@@ -35,7 +58,8 @@ def test_python_code_is_formatted_and_lint_clean():
 
 def test_ansible_content_passes_ansible_lint_production_profile():
     lint = subprocess.run(
-        [VENV / "ansible-lint", "--offline", "--profile", "production", "playbooks/", "roles/"],
+        [VENV / "ansible-lint", "--offline", "--profile", "production",
+         "playbooks/", "roles/", "inventories/", "molecule/"],
         cwd=REPO, capture_output=True, text=True,
     )  # fmt: skip
     assert lint.returncode == 0, lint.stdout + lint.stderr
