@@ -21,10 +21,11 @@ def test_the_molecule_default_scenario_converges_is_idempotent_and_verifies():
         run = subprocess.run([BIN / "molecule", "test"], cwd=REPO, env=env, capture_output=True, text=True,
                              timeout=1800)  # fmt: skip
         out = run.stdout + run.stderr
+        print(out[-30000:])  # shown by pytest when the test fails
         assert run.returncode == 0, out[-6000:]
-        for step in ("prepare", "converge", "idempotence", "verify", "cleanup"):
-            assert f"{step}: Executed: Successful" in out, step
-        assert "8 passed" in out
+        assert out.count("PLAY [FT hosts]") == 2  # converge, then idempotence: the same run again
+        assert "Idempotence test failed" not in out
+        assert "Verifier completed successfully." in out and "8 passed" in out
     finally:  # a failed step skips molecule's own cleanup
         if Path("/var/lib/ftlab/state.json").exists():
             subprocess.run([REPO / "lab" / "labctl", "down"], capture_output=True, timeout=300)

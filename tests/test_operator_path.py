@@ -136,3 +136,13 @@ def test_a_vm_with_usb_sound_and_hostdev_is_refused_with_every_reason(site, tmp_
         assert state.strip() == "shut off"
     finally:
         subprocess.run([*virsh, "undefine", "gadgets"], capture_output=True)
+
+
+def test_protect_yml_takes_one_vm_from_survey_variables_and_status_yml_reports_it(site):
+    survey = ("-e", "ft_vm_name=cycle", "-e", "ft_vm_state=disabled")
+    runs = [playbook("playbooks/protect.yml", *survey) for _ in range(2)]
+    assert [code for code, _out, _recap in runs] == [0, 0], runs[0][1][-3000:]
+    assert [recap["lab-h1"]["changed"] for _code, _out, recap in runs] == [1, 0]
+    assert vm_view("cycle")["state"] == "disabled" and not secondary_qemus("cycle")
+    code, out, _recap = playbook("playbooks/status.yml")
+    assert code == 0 and "cycle: disabled (user_action), primary lab-h1" in out, out[-3000:]
