@@ -1,3 +1,0 @@
-"""The ft lockstep engine."""
-
-__version__ = "0.1.0"
