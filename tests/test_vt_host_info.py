@@ -3,28 +3,17 @@ with what this machine's kernel shows (nested, paravirtual KVM: shared/LAB-FACTS
 per unmet requirement, and nothing changed - in check mode too."""
 
 import json
-import subprocess
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-VENV = REPO / ".venv" / "bin"
+from ftlab import ansible
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 
 def run_module(*extra: str) -> dict[str, dict]:
-    proc = subprocess.run(
-        [VENV / "ansible", "ft_hosts", "-m", "ft.lockstep.vt_host_info", "-o", *extra],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    results = {}
-    for line in proc.stdout.splitlines():
-        host, _, rest = line.partition(" | SUCCESS => ")
-        if rest:
-            results[host] = json.loads(rest)
+    results = ansible.module("ft_hosts", "vt_host_info", {}, *extra)
+    assert not any(r["failed"] for r in results.values()), results
     return results
 
 
@@ -47,25 +36,23 @@ def test_check_mode_reports_the_same(lab):
     assert run_module() == run_module("--check")
 
 
-def playbook(*extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [VENV / "ansible-playbook", "playbooks/check_hosts.yml", *extra],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+def playbook(*extra: str) -> tuple[int, str]:
+    code, out, _recap = ansible.playbook("playbooks/check_hosts.yml", *extra)
+    return code, out
 
 
 def test_the_host_check_passes_where_tcg_is_accepted_and_names_each_reason_where_kvm_is_required(lab):
-    ok = playbook()  # the lab's inventory: ft_host_require_kvm false
-    assert ok.returncode == 0, ok.stdout + ok.stderr
-    strict = playbook("-e", "ft_host_require_kvm=true")
-    assert strict.returncode != 0
+    code, out = playbook()  # the lab's inventory: ft_host_require_kvm false
+    assert code == 0, out
+    code, strict = playbook("-e", "ft_host_require_kvm=true")
+    assert code != 0
     for host in ("lab-h1", "lab-h2", "lab-h3"):
-        assert f"{host}: the CPU shows no VT-x/AMD-V: this host is itself a virtual machine" in strict.stdout
+        assert f"{host}: the CPU shows no VT-x/AMD-V: this host is itself a virtual machine" in strict
 
 
 def test_the_host_check_fails_when_one_host_runs_another_qemu_build(lab, tmp_path):
     other = tmp_path / "other.yml"  # a second inventory source: lab-h3 uses Debian's QEMU, not the lab's
     other.write_text(json.dumps({"ft_hosts": {"hosts": {"lab-h3": {"ft_host_qemu": "qemu-system-x86_64"}}}}))
-    mixed = playbook("-i", "inventories/lab", "-i", str(other))
-    assert mixed.returncode != 0
-    assert "hosts run different hypervisor builds" in mixed.stdout and "+ft-" in mixed.stdout
+    code, mixed = playbook("-i", "inventories/lab", "-i", str(other))
+    assert code != 0
+    assert "hosts run different hypervisor builds" in mixed and "+ft-" in mixed

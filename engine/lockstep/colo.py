@@ -353,7 +353,7 @@ async def nic_driver_ready(vm: Vm) -> bool:
     """Whether the guest's virtio-net driver has set its NIC up (DRIVER_OK). A guest whose NIC
     driver started after replication had begun heard nothing after a failover in the lab (the
     stream and new connections dead, ARP unanswered); one whose driver was up first fails over
-    cleanly. So replication starts only once the driver is up (ADR 0003)."""
+    cleanly. So replication starts only once the driver is up (ADR 0004)."""
     for device in await vm.execute("x-query-virtio"):
         if device["name"] == "virtio-net":
             status = await vm.execute("x-query-virtio-status", {"path": device["path"]})

@@ -15,7 +15,9 @@ BIN = Path(sys.executable).parent  # the project's virtualenv
 
 def module(hosts: str, name: str, args: dict, *extra: str, inventory: Path | None = None) -> dict[str, dict]:
     """Run ft.lockstep.NAME on hosts; {host: result} (failed ones included, with "failed")."""
-    argv = [BIN / "ansible", hosts, "-o", "-m", f"ft.lockstep.{name}", "-a", json.dumps(args), *extra]
+    argv = [BIN / "ansible", hosts, "-o", "-m", f"ft.lockstep.{name}", *extra]
+    if args:  # an empty "-a" would be raw parameters, which modules refuse
+        argv += ["-a", json.dumps(args)]
     if inventory is not None:
         argv += ["-i", str(inventory)]
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=900)
