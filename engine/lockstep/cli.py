@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import json
 import os
@@ -45,6 +44,8 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--qmp", required=True, help="QMP socket of this side's QEMU")
     w.add_argument("--qemu-pid", type=int, required=True, help="PID of that QEMU (fenced with SIGKILL)")
     w.add_argument("--guest", required=True, help="guest name (names the VM's tap)")
+    w.add_argument("--datastore-id", help="the id in the datastore's .ft-lockstep-datastore (ft_storage's)")
+    w.add_argument("--secret-file", type=Path, help="cluster secret (signs heartbeats)")
     for f in dataclasses.fields(watch.WatchConfig):
         if f.type == "float":  # the tunable times
             w.add_argument(f"--{f.name.replace('_', '-')}", type=float, default=f.default,
@@ -86,10 +87,13 @@ def address(text: str) -> tuple[str, int]:
 
 
 def cmd_watch(args) -> int:
+    try:  # read as lockstepd's config reads it, so both sides sign with the same bytes
+        args.secret = args.secret_file.read_text().strip().encode() if args.secret_file else None
+    except OSError as e:
+        print(f"ftctl: error: --secret-file {args.secret_file}: {e.strerror or e}", file=sys.stderr)
+        return 2
     cfg = watch.WatchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(watch.WatchConfig)})
-    verdict = asyncio.run(watch.run(cfg, args.qmp, args.qemu_pid, args.guest))
-    print(verdict.to_json(), flush=True)
-    return 0 if verdict.outcome == "live" else 3
+    return watch.main(cfg, args.qmp, args.qemu_pid, args.guest)
 
 
 def cmd_probe(args) -> int:

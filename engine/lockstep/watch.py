@@ -6,35 +6,51 @@ inside the lab host). Every interval it
   (dead, hung, SIGSTOPped) is fenced - SIGKILLed, so it can never wake up and send anything -
   and the watcher stops;
 - sends a heartbeat to the other side's watcher over the FT-logging network, only while its own
-  QEMU answers, so a heartbeat vouches for a working QEMU and not just a live host;
+  QEMU answers, so a heartbeat vouches for a working QEMU and not just a live host. Heartbeats
+  carry a sequence number and an HMAC under the cluster secret: a forged or replayed one would
+  hold off a real failover;
 - on the primary, watches replication progress: every checkpoint resumes the VM (a RESUME
   event); none for progress_timeout means replication is stuck even if heartbeats still come.
 When no heartbeat came for the timeout (or replication is stuck) the other side is lost, and
 this side races for the pair's token of this generation on the datastore (arbiter.claim):
 the winner goes live (a secondary takes over, a primary continues alone), the loser fences its
-own QEMU. A side that cannot reach the datastore within claim_timeout also fences itself: it
-never goes live. The secondary waits secondary_delay before it claims, so that in a partition
-the primary - whose guest needs no rollback - normally wins.
+own QEMU. The secondary waits secondary_delay before it claims, so that in a partition the
+primary - whose guest needs no rollback - normally wins.
 
-Every step is a JSON line on stdout; the last one is the verdict."""
+A claim the datastore does not answer (in claim_timeout, or with an error) is neither a win nor
+a loss: an earlier link() may yet land, so fencing now could kill the side that holds the token.
+The side asks again until it has an answer. Waiting is safe: neither side is live meanwhile
+(the secondary's tap is down, the primary's output is held by colo-compare).
+
+A side that won goes live whatever fails on the way: every go-live step is tried, a failing
+one is retried once and then listed in the verdict. Killing a QEMU that holds the token would
+lose the VM, since the other side has fenced or is gone.
+
+Every step is a JSON line in the journal (stdout); the last one is the verdict."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
+import math
 import os
 import signal
+import sys
+import threading
 import time
-from dataclasses import asdict, dataclass
+import traceback
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-from qemu.qmp import EventListener
+from typing import TextIO
 
 from . import arbiter, colo
-from .qmp import connect
-from .state import Action, FtState, Reason
-from .state import Pair as PairState
+from .qmp import BoundedListener, connect
+from .state import Reason
+
+MAC_LEN = 64  # hex digits of an HMAC-SHA256, in front of a signed heartbeat
 
 
 @dataclass(frozen=True)
@@ -42,7 +58,7 @@ class WatchConfig:
     pair: str
     generation: int
     role: str  # "primary" or "secondary"
-    me: str  # this host's name, written into the token
+    me: str  # this host's name; the token names the side as "<me>/<role>"
     listen: tuple[str, int]  # this side's FT-logging address and heartbeat port
     peer: tuple[str, int]  # the other side's
     datastore: Path
@@ -50,133 +66,321 @@ class WatchConfig:
     interval: float = 0.1
     timeout: float = 0.5
     progress_timeout: float = 1.5
-    claim_timeout: float = 5.0
+    claim_timeout: float = 5.0  # after this a claim is pending: logged, still awaited
     secondary_delay: float = 0.2  # the primary's head start in the race (two heartbeats' jitter)
     startup_grace: float = 10.0  # until the other side's first heartbeat: its watcher may start later
+    datastore_id: str | None = None  # the id in ft_storage's id file; None: the file need only exist
+    secret: bytes | None = field(default=None, repr=False)  # signs heartbeats; None: unsigned
 
     @property
     def peer_role(self) -> str:
         return "secondary" if self.role == "primary" else "primary"
+
+    @property
+    def side(self) -> str:
+        return f"{self.me}/{self.role}"
 
 
 @dataclass(frozen=True)
 class Verdict:
     outcome: str  # "live" or "fenced"
     reason: Reason
-    state: FtState | None  # the pair's state when this side went live
     detail: str
+    generation: int
+    failed_steps: tuple[str, ...] = ()  # go-live steps that failed (live only)
 
     def to_json(self) -> str:
-        return json.dumps({"verdict": asdict(self)})
+        return json.dumps({"verdict": asdict(self) | {"failed_steps": list(self.failed_steps)}})
 
 
-def log(what: str, **fields) -> None:
-    print(json.dumps({"at": round(time.time(), 3), "event": what, **fields}), flush=True)
+def sign(secret: bytes, body: bytes) -> bytes:
+    return hmac.new(secret, body, hashlib.sha256).hexdigest().encode()
+
+
+def heartbeat(cfg: WatchConfig, seq: int) -> bytes:
+    body = json.dumps({"pair": cfg.pair, "generation": cfg.generation, "role": cfg.role, "seq": seq}).encode()
+    return body if cfg.secret is None else sign(cfg.secret, body) + body
 
 
 class Heartbeats(asyncio.DatagramProtocol):
-    """Receives the other side's heartbeats; remembers when the last one came."""
+    """Receives the other side's heartbeats; remembers when the last one came. Anything else
+    (malformed, unsigned, wrongly signed, another pair's or generation's, replayed) is dropped
+    without a word: logging it would let anyone on the network fill the journal."""
 
     def __init__(self, cfg: WatchConfig) -> None:
         self.cfg = cfg
         self.last = time.monotonic()  # the grace period starts when watching starts
         self.seen = False  # a heartbeat came: from now on the timeout applies
+        self.seq = -1  # the last sequence number accepted
 
     def datagram_received(self, data: bytes, addr) -> None:
-        with contextlib.suppress(ValueError):
+        if self.accept(data):
+            self.last, self.seen = time.monotonic(), True
+
+    def accept(self, data: bytes) -> bool:
+        if self.cfg.secret is not None:
+            mac, data = data[:MAC_LEN], data[MAC_LEN:]
+            if not hmac.compare_digest(mac, sign(self.cfg.secret, data)):
+                return False
+        try:
             msg = json.loads(data)
-            if (msg.get("pair"), msg.get("generation"), msg.get("role")) == (
-                self.cfg.pair, self.cfg.generation, self.cfg.peer_role,
-            ):  # fmt: skip
-                self.last, self.seen = time.monotonic(), True
+        except ValueError:  # not JSON, or not UTF-8
+            return False
+        if not isinstance(msg, dict):
+            return False
+        ours = (msg.get("pair"), msg.get("generation"), msg.get("role")) == (
+            self.cfg.pair, self.cfg.generation, self.cfg.peer_role,
+        )  # fmt: skip
+        seq = msg.get("seq")
+        if not ours or type(seq) is not int or seq <= self.seq:
+            return False
+        self.seq = seq
+        return True
 
 
-def fence(pid: int, reason: Reason, detail: str) -> Verdict:
-    """SIGKILL this side's QEMU: it must never run (or send) again."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    log("fenced", detail=detail)
-    return Verdict("fenced", reason, None, f"{detail}: fenced")
+class Watcher:
+    """One side's watcher: watches, decides, and writes each step and the verdict to its journal."""
 
+    def __init__(self, cfg: WatchConfig, vm: colo.Vm, qemu_pid: int, journal: TextIO | None = None) -> None:
+        self.cfg, self.vm, self.qemu_pid = cfg, vm, qemu_pid
+        self.journal = journal if journal is not None else sys.stdout
+        self.won = False  # this side holds the token: from here on the verdict is live
+        self.reason, self.detail = Reason.LOST_CONNECTION, ""  # why the peer was lost
+        self.failed_steps: list[str] = []
+        self.verdict: Verdict | None = None  # once it is in the journal
 
-async def watch(cfg: WatchConfig, vm: colo.Vm, qemu_pid: int) -> Verdict:
-    """Watch until this side either goes live or fences its QEMU; vm has its QMP connected."""
-    loop = asyncio.get_running_loop()
-    transport, beats = await loop.create_datagram_endpoint(lambda: Heartbeats(cfg), local_addr=cfg.listen)
-    resumes = EventListener(("RESUME",))
-    vm.qmp.register_listener(resumes)
-    last_progress = time.monotonic()
-    hello = {"pair": cfg.pair, "generation": cfg.generation, "role": cfg.role}
-    log("watching", **hello, peer=f"{cfg.peer[0]}:{cfg.peer[1]}", timeout=cfg.timeout)
-    announced = False
-    try:
-        while True:
-            await asyncio.sleep(cfg.interval)
-            try:
-                await vm.execute("query-status", timeout=cfg.timeout)
-            except Exception as e:  # timeout, or the QMP connection is gone with its QEMU
-                detail = f"own QEMU did not answer within {cfg.timeout} s ({type(e).__name__})"
-                return fence(qemu_pid, Reason.PARTIAL_HARDWARE_FAILURE, detail)
-            transport.sendto(json.dumps(hello).encode(), cfg.peer)
-            if resumes.clear():
-                last_progress = time.monotonic()
-            now = time.monotonic()
-            if beats.seen and not announced:
-                log("peer-seen")  # both sides watch each other now
-                announced = True
-            if now - beats.last > (cfg.timeout if beats.seen else cfg.startup_grace):
-                reason = Reason.LOST_CONNECTION
-                detail = f"no heartbeat from the {cfg.peer_role} for {now - beats.last:.2f} s"
-            elif cfg.role == "primary" and now - last_progress > cfg.progress_timeout:
-                reason, detail = Reason.CHECKPOINT_ERROR, f"no checkpoint for {now - last_progress:.2f} s"
-            else:
-                continue
-            log("peer-lost", reason=reason, detail=detail)
-            if cfg.role == "secondary":
-                await asyncio.sleep(cfg.secondary_delay)
-                if time.monotonic() - beats.last < cfg.timeout:
-                    log("peer-back")
+    def log(self, what: str, durable: bool = False, **fields) -> None:
+        self.write(json.dumps({"at": round(time.time(), 3), "event": what, **fields}), durable)
+
+    def write(self, line: str, durable: bool = False) -> None:
+        self.journal.write(line + "\n")
+        self.journal.flush()
+        if durable:  # a daemon reading the journal after a crash must find it
+            with contextlib.suppress(OSError, ValueError):  # a pipe or a terminal cannot fsync
+                os.fsync(self.journal.fileno())
+
+    def finish(self, verdict: Verdict) -> Verdict:
+        if self.verdict is None:
+            self.verdict = verdict
+            self.write(verdict.to_json(), durable=True)
+        return self.verdict
+
+    def crashed(self, e: BaseException) -> Verdict:
+        """The verdict after an unexpected error: live once the token is ours, fenced before."""
+        traceback.print_exception(e, file=sys.stderr)
+        what = f"watcher error: {type(e).__name__}: {e}"
+        if self.won:
+            self.failed_steps.append(what)
+            return self.live()
+        return self.fence(Reason.PARTIAL_HARDWARE_FAILURE, what)
+
+    async def run(self) -> Verdict:
+        """Watch until this side goes live or fences; the verdict always ends the journal."""
+        try:
+            verdict = await self.watch()
+        except Exception as e:
+            verdict = self.crashed(e)
+        return self.finish(verdict)
+
+    def fence(self, reason: Reason, detail: str) -> Verdict:
+        """SIGKILL this side's QEMU: it must never run (or send) again."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.qemu_pid, signal.SIGKILL)
+        self.log("fenced", detail=detail)
+        return Verdict("fenced", reason, f"{detail}: fenced", self.cfg.generation)
+
+    def step_failed(self, step: str, attempt: int, e: Exception) -> None:
+        self.log("step-failed", step=step, attempt=attempt, error=f"{type(e).__name__}: {e}")
+
+    def live(self) -> Verdict:
+        reason = Reason.PARTIAL_HARDWARE_FAILURE if self.cfg.role == "secondary" else self.reason
+        return Verdict("live", reason, self.detail, self.cfg.generation, tuple(self.failed_steps))
+
+    async def watch(self) -> Verdict:
+        cfg = self.cfg
+        loop = asyncio.get_running_loop()
+        transport, beats = await loop.create_datagram_endpoint(lambda: Heartbeats(cfg), local_addr=cfg.listen)
+        resumes = BoundedListener(("RESUME",))
+        self.vm.qmp.register_listener(resumes)
+        last_progress = time.monotonic()
+        seq = time.time_ns()  # a restarted watcher goes on above its predecessor's numbers
+        hello = {"pair": cfg.pair, "generation": cfg.generation, "role": cfg.role}
+        self.log("watching", **hello, peer=f"{cfg.peer[0]}:{cfg.peer[1]}", timeout=cfg.timeout)
+        announced = False
+        try:
+            while True:
+                await asyncio.sleep(cfg.interval)
+                try:
+                    await self.vm.execute("query-status", timeout=cfg.timeout)
+                except Exception as e:  # timeout, or the QMP connection is gone with its QEMU
+                    detail = f"own QEMU did not answer within {cfg.timeout} s ({type(e).__name__})"
+                    return self.fence(Reason.PARTIAL_HARDWARE_FAILURE, detail)
+                seq += 1
+                transport.sendto(heartbeat(cfg, seq), cfg.peer)
+                if resumes.clear():
+                    last_progress = time.monotonic()
+                now = time.monotonic()
+                if beats.seen and not announced:
+                    self.log("peer-seen")  # both sides watch each other now
+                    announced = True
+                if now - beats.last > (cfg.timeout if beats.seen else cfg.startup_grace):
+                    reason = Reason.LOST_CONNECTION
+                    detail = f"no heartbeat from the {cfg.peer_role} for {now - beats.last:.2f} s"
+                elif cfg.role == "primary" and now - last_progress > cfg.progress_timeout:
+                    reason, detail = Reason.CHECKPOINT_ERROR, f"no checkpoint for {now - last_progress:.2f} s"
+                else:
                     continue
-            return await decide(cfg, vm, qemu_pid, reason, detail)
-    finally:
-        vm.qmp.remove_listener(resumes)
-        transport.close()
+                self.log("peer-lost", reason=reason, detail=detail)
+                if cfg.role == "secondary":
+                    await asyncio.sleep(cfg.secondary_delay)
+                    if time.monotonic() - beats.last < cfg.timeout:
+                        self.log("peer-back")
+                        continue
+                return await self.decide(reason, detail)
+        finally:
+            self.vm.qmp.remove_listener(resumes)
+            transport.close()
+
+    async def decide(self, reason: Reason, detail: str) -> Verdict:
+        self.reason, self.detail = reason, detail
+        answer = await self.claim()
+        self.won = answer.won
+        self.log("claimed", durable=True, won=answer.won, holder=answer.holder,
+                 generation=self.cfg.generation, error=answer.error)  # fmt: skip
+        if not answer.won:
+            why = f"the token of generation {self.cfg.generation} is held by {answer.holder}"
+            return self.fence(Reason.LOST_ARBITRATION, f"{detail}; {why}")
+        return await self.go_live()
+
+    async def claim(self) -> arbiter.Verdict:
+        """Claim the token until the datastore answers who holds it. The blocking claim runs in a
+        daemon thread: one stuck in a hung NFS call delays nothing else, and never keeps the
+        process from exiting. There is at most one attempt at a time: a late one is waited for,
+        not joined by another."""
+        cfg = self.cfg
+        loop = asyncio.get_running_loop()
+        started, last_log = time.monotonic(), -math.inf
+
+        def pending(error: str) -> None:
+            nonlocal last_log
+            if time.monotonic() - last_log >= 1.0:  # at most once a second
+                last_log = time.monotonic()
+                self.log("claim-pending", error=error, waited=round(last_log - started, 1))
+
+        while True:
+            answer: asyncio.Future[arbiter.Verdict] = loop.create_future()
+
+            def attempt(answer=answer) -> None:
+                try:
+                    v = arbiter.claim(cfg.datastore, cfg.pair, cfg.generation, cfg.side, cfg.datastore_id)
+                except Exception as e:  # an answer all the same: ask again
+                    v = arbiter.Verdict(False, None, f"claim failed: {type(e).__name__}: {e}")
+                with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+                    loop.call_soon_threadsafe(lambda: answer.done() or answer.set_result(v))
+
+            threading.Thread(target=attempt, name=f"claim-{cfg.pair}", daemon=True).start()
+            wait = cfg.claim_timeout
+            while not (await asyncio.wait({answer}, timeout=wait))[0]:
+                pending(f"the datastore did not answer within {time.monotonic() - started:.1f} s")
+                wait = 1.0
+            verdict = answer.result()
+            if verdict.error is None:
+                return verdict
+            pending(verdict.error)
+            await asyncio.sleep(cfg.interval)
+
+    async def go_live(self) -> Verdict:
+        takeover = colo.secondary_takeover if self.cfg.role == "secondary" else colo.primary_continue_alone
+        try:
+            await takeover(BestEffort(self.vm, self), self.cfg.mode)
+        except Exception as e:  # not a step's failure (those are caught): the rest cannot run
+            traceback.print_exception(e, file=sys.stderr)
+            self.failed_steps.append(f"{takeover.__name__}: {type(e).__name__}: {e}")
+        verdict = self.live()
+        self.log("live", reason=verdict.reason, failed_steps=self.failed_steps)
+        return verdict
 
 
-async def decide(cfg: WatchConfig, vm: colo.Vm, qemu_pid: int, reason: Reason, detail: str) -> Verdict:
-    try:
-        verdict = await asyncio.wait_for(
-            asyncio.to_thread(arbiter.claim, cfg.datastore, cfg.pair, cfg.generation, cfg.me),
-            cfg.claim_timeout,
-        )
-    except TimeoutError:
-        verdict = arbiter.Verdict(False, None, f"datastore did not answer within {cfg.claim_timeout} s")
-    log("claimed", won=verdict.won, holder=verdict.holder, error=verdict.error)
-    if not verdict.won:
-        why = verdict.error or f"the token of generation {cfg.generation} is held by {verdict.holder}"
-        return fence(qemu_pid, Reason.LOST_ARBITRATION, f"{detail}; {why}")
-    state = PairState(cfg.pair, FtState.RUNNING, Reason.ENTERED_LOCKSTEP, cfg.generation)
-    if cfg.role == "secondary":
-        await colo.secondary_takeover(vm, cfg.mode)
-        event = state.apply(Action.FAILED_OVER, Reason.PARTIAL_HARDWARE_FAILURE)
-    else:
-        await colo.primary_continue_alone(vm, cfg.mode)
-        event = state.apply(Action.SECONDARY_LOST, reason)
-    log("live", action=event.action, state=event.new, reason=event.reason)
-    return Verdict("live", event.reason, event.new, detail)
+# A query that failed during go-live answers "there is something to undo", so its step is tried.
+UNKNOWN = {
+    "query-status": {"running": False, "status": "unknown"},
+    "query-block-exports": [{}],
+    "query-named-block-nodes": [{"node-name": "replication0"}],
+}
 
 
-async def run(cfg: WatchConfig, qmp_path: str, qemu_pid: int, guest: str) -> Verdict:
-    host = colo.Host(name=cfg.me, ft_ip=cfg.listen[0], run_dir=Path(qmp_path).parent)
-    vm = colo.Vm(colo.Guest(name=guest, mac=""), host, cfg.role)
-    grace = cfg.timeout * 10
+class BestEffort:
+    """The Vm as the go-live steps see it: a QMP command or host command that fails is logged,
+    retried once (not after a timeout: the QEMU is busy or hung, and waiting again only delays
+    the rest) and then listed in failed_steps, and the steps go on."""
+
+    def __init__(self, vm: colo.Vm, watcher: Watcher) -> None:
+        self._vm, self._watcher = vm, watcher
+        self.host = _BestEffortHost(vm.host, watcher)
+
+    def __getattr__(self, name: str):
+        return getattr(self._vm, name)
+
+    async def execute(self, cmd: str, args: dict | None = None, timeout: float = 10.0):
+        step = f"{cmd} {json.dumps(args, sort_keys=True)}" if args else cmd
+        for attempt in (1, 2):
+            try:
+                out = await self._vm.execute(cmd, args, timeout)
+                if cmd == "human-monitor-command" and out.strip():  # HMP reports errors as output
+                    raise colo.DataPlaneError(out.strip())
+                return out
+            except Exception as e:
+                self._watcher.step_failed(step, attempt, e)
+                if isinstance(e, TimeoutError):
+                    break
+                await asyncio.sleep(0.1)
+        self._watcher.failed_steps.append(step)
+        return UNKNOWN.get(cmd, "" if cmd == "human-monitor-command" else {})
+
+
+class _BestEffortHost:
+    def __init__(self, host: colo.Host, watcher: Watcher) -> None:
+        self._host, self._watcher = host, watcher
+
+    def __getattr__(self, name: str):
+        return getattr(self._host, name)
+
+    def run(self, *cmd: str) -> None:
+        step = " ".join(cmd)
+        for attempt in (1, 2):
+            try:
+                return self._host.run(*cmd)
+            except Exception as e:
+                self._watcher.step_failed(step, attempt, e)
+        self._watcher.failed_steps.append(step)
+
+
+async def run(watcher: Watcher, qmp_path: str) -> Verdict:
+    """Connect to this side's QEMU and watch it."""
+    grace = watcher.cfg.timeout * 10
     try:  # a hung QEMU accepts the connection but never greets
-        vm.qmp = await asyncio.wait_for(connect(qmp_path, grace, name=f"watch.{cfg.role}"), grace)
+        qmp = await asyncio.wait_for(connect(qmp_path, grace, name=f"watch.{watcher.cfg.role}"), grace)
     except Exception as e:
         detail = f"own QEMU's QMP did not answer ({type(e).__name__})"
-        return fence(qemu_pid, Reason.PARTIAL_HARDWARE_FAILURE, detail)
+        return watcher.finish(watcher.fence(Reason.PARTIAL_HARDWARE_FAILURE, detail))
+    watcher.vm.qmp = qmp
     try:
-        return await watch(cfg, vm, qemu_pid)
+        return await watcher.run()
     finally:
         with contextlib.suppress(Exception):
-            await vm.qmp.disconnect()
+            await asyncio.wait_for(qmp.disconnect(), 1.0)
+
+
+def main(cfg: WatchConfig, qmp_path: str, qemu_pid: int, guest: str) -> int:
+    """ftctl watch: exit 0 when this side went live, 3 when it fenced its QEMU."""
+    host = colo.Host(name=cfg.me, ft_ip=cfg.listen[0], run_dir=Path(qmp_path).parent)
+    watcher = Watcher(cfg, colo.Vm(colo.Guest(name=guest, mac=""), host, cfg.role), qemu_pid)
+    try:
+        asyncio.run(run(watcher, qmp_path))
+    except Exception as e:  # whatever went wrong, the journal ends with the verdict
+        if watcher.verdict is None:
+            watcher.finish(watcher.crashed(e))
+        else:
+            traceback.print_exception(e, file=sys.stderr)
+    assert watcher.verdict is not None
+    return 0 if watcher.verdict.outcome == "live" else 3
