@@ -236,10 +236,11 @@ def test_a_slow_claim_is_awaited_so_one_side_lives_and_never_both_are_fenced(tmp
 
 
 def test_heartbeats_back_within_the_secondary_delay_are_no_loss(tmp_path):
-    """The secondary gives the primary secondary_delay before it claims: a blip is peer-back."""
+    """The secondary gives the primary secondary_delay before it claims: a blip is peer-back.
+    (The secondary sends no heartbeats while it waits: the delay must stay under the timeout.)"""
 
     async def main():
-        async with pair(tmp_path, secondary_delay=1.0) as sides:
+        async with pair(tmp_path, timeout=0.6, secondary_delay=0.3) as sides:
             p, s = sides["primary"], sides["secondary"]
             await start_both(sides)
             p.link.up = False
