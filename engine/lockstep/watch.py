@@ -90,7 +90,7 @@ class Verdict:
     failed_steps: tuple[str, ...] = ()  # go-live steps that failed (live only)
 
     def to_json(self) -> str:
-        return json.dumps({"verdict": asdict(self) | {"failed_steps": list(self.failed_steps)}})
+        return json.dumps({"verdict": asdict(self)})
 
 
 def sign(secret: bytes, body: bytes) -> bytes:
@@ -279,9 +279,9 @@ class Watcher:
                     loop.call_soon_threadsafe(lambda: answer.done() or answer.set_result(v))
 
             threading.Thread(target=attempt, name=f"claim-{cfg.pair}", daemon=True).start()
-            wait = cfg.claim_timeout
+            asked, wait = time.monotonic(), cfg.claim_timeout
             while not (await asyncio.wait({answer}, timeout=wait))[0]:
-                pending(f"the datastore did not answer within {time.monotonic() - started:.1f} s")
+                pending(f"the datastore did not answer within {time.monotonic() - asked:.1f} s")
                 wait = 1.0
             verdict = answer.result()
             if verdict.error is None:
