@@ -92,6 +92,9 @@ def cmd_watch(args) -> int:
     except OSError as e:
         print(f"ftctl: error: --secret-file {args.secret_file}: {e.strerror or e}", file=sys.stderr)
         return 2
+    if args.secret == b"":
+        print(f"ftctl: error: --secret-file {args.secret_file} is empty", file=sys.stderr)
+        return 2
     cfg = watch.WatchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(watch.WatchConfig)})
     return watch.main(cfg, args.qmp, args.qemu_pid, args.guest)
 
