@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import subprocess
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -69,10 +70,14 @@ class Host:
     bridge: str = "vmbr0"  # the VM network
     accel: str = "tcg"
 
-    def run(self, *cmd: str) -> None:
-        proc = subprocess.run([*self.prefix, *cmd], capture_output=True, text=True)
+    async def run(self, *cmd: str) -> None:
+        """A short command (ip, qemu-img) on this host, off the event loop."""
+        proc = await asyncio.create_subprocess_exec(
+            *self.prefix, *cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        _, err = await proc.communicate()
         if proc.returncode != 0:
-            raise DataPlaneError(f"{self.name}: {' '.join(cmd)}: {proc.stderr.strip()}")
+            raise DataPlaneError(f"{self.name}: {' '.join(cmd)}: {err.decode(errors='replace').strip()}")
 
 
 @dataclass(frozen=True)
@@ -122,7 +127,10 @@ async def check_hosts(*hosts: Host) -> None:
 
 
 def tap_name(guest: Guest, role: str) -> str:
-    return f"ft{role[0]}-{guest.name}"[:15]
+    """The tap of one side of a VM: unique per VM and side within Linux's 15 characters (a cut
+    name would collide: webserver-01 and webserver-02), still readable: ftp-webs1a2b3c4."""
+    digest = hashlib.sha256(guest.name.encode()).hexdigest()[:7]
+    return f"ft{role[0]}-{guest.name[:4]}{digest}"
 
 
 def disk_path(guest: Guest, host: Host, layer: str = "disk") -> Path:
@@ -240,18 +248,19 @@ class Vm:
 
     async def start(self, argv: list[str], tap_up: bool) -> None:
         tap = tap_name(self.guest, self.role)
+        # the name is this VM's and side's alone: a tap left by its own dead QEMU may go
         with contextlib.suppress(DataPlaneError):
-            self.host.run("ip", "link", "del", tap)
-        self.host.run("ip", "tuntap", "add", tap, "mode", "tap")
-        self.host.run("ip", "link", "set", tap, "master", self.host.bridge)
+            await self.host.run("ip", "link", "del", tap)
+        await self.host.run("ip", "tuntap", "add", tap, "mode", "tap")
+        await self.host.run("ip", "link", "set", tap, "master", self.host.bridge)
         if tap_up:
-            self.host.run("ip", "link", "set", tap, "up")
+            await self.host.run("ip", "link", "set", tap, "up")
         if self.guest.disk_mib:  # a fresh, empty disk on both sides: identical at the start
             size = f"{self.guest.disk_mib}M"
             layers = ("disk", "active", "hidden") if self.role == "secondary" else ("disk",)
             for layer in layers:
                 path = disk_path(self.guest, self.host, layer)
-                self.host.run("qemu-img", "create", "-q", "-f", path.suffix[1:], str(path), size)
+                await self.host.run("qemu-img", "create", "-q", "-f", path.suffix[1:], str(path), size)
         self.qmp_path.unlink(missing_ok=True)
         self.log = self.host.run_dir / f"{self.guest.name}.{self.role}.log"
         with open(self.log, "wb") as out:
@@ -304,13 +313,11 @@ def colo_filters(mode: Mode) -> list[dict]:
     return COLO_FILTERS if mode is Mode.LOCKSTEP else COLO_FILTERS[1:]
 
 
-async def enter_colo(
-    primary: Vm, secondary: Vm, ports: Ports, checkpoint_ms: int, mode: Mode, timeout: float = 120.0
-) -> None:
+async def enter_colo(primary: Vm, secondary: Vm, ports: Ports, checkpoint_ms: int, mode: Mode) -> None:
     """Copy the running primary to the waiting secondary and keep them in replication; returns
     once the primary reports migration status 'colo'."""
     await prepare_secondary(secondary, ports)
-    await start_replication(primary, secondary.host.ft_ip, ports, checkpoint_ms, mode, timeout)
+    await start_replication(primary, secondary.host.ft_ip, ports, checkpoint_ms, mode)
 
 
 async def prepare_secondary(secondary: Vm, ports: Ports) -> None:
@@ -323,11 +330,13 @@ async def prepare_secondary(secondary: Vm, ports: Ports) -> None:
 
 
 async def start_replication(
-    primary: Vm, secondary_ip: str, ports: Ports, checkpoint_ms: int, mode: Mode, timeout: float = 120.0
+    primary: Vm, secondary_ip: str, ports: Ports, checkpoint_ms: int, mode: Mode, stall: float = 15.0
 ) -> None:
-    """The primary's side: copy and replicate the disk, add the filters, start checkpointing."""
+    """The primary's side: copy and replicate the disk, add the filters, start checkpointing.
+    A copy that makes no progress for `stall` seconds (the secondary's host died, its link went)
+    fails; the caller then undoes it all with primary_continue_alone(peer_lost=True)."""
     if primary.guest.disk_mib:
-        await resync_disk(primary, secondary_ip, ports, timeout)
+        await resync_disk(primary, secondary_ip, ports, stall)
         await hmp(primary, f"drive_add -n buddy driver=replication,mode=primary,file.driver=nbd,"
                            f"file.host={secondary_ip},file.port={ports.nbd},file.export=parent0,"
                            f"node-name=replication0")  # fmt: skip
@@ -335,18 +344,37 @@ async def start_replication(
     await add_primary_chardevs(primary, ports, mode)
     objects = {o["name"] for o in await primary.execute("qom-list", {"path": "/objects"})}
     for f in colo_filters(mode):
+        if f["id"] in objects:  # left by an earlier attempt that was not undone
+            continue
         if "rew0" in objects and f["qom-type"].startswith("filter-"):  # a former lockstep secondary:
             f = f | {"insert": "before", "position": "id=rew0"}  # its rewriter stays last
         await primary.execute("object-add", f)
     await primary.execute("migrate-set-capabilities", COLO_CAPABILITY)
     await primary.execute("migrate-set-parameters", {"x-checkpoint-delay": checkpoint_ms})
     await primary.execute("migrate", {"uri": f"tcp:{secondary_ip}:{ports.migrate}"})
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while (status := (await primary.execute("query-migrate")).get("status")) != "colo":
-        if status in ("failed", "cancelled", "completed") or loop.time() > deadline:
-            raise DataPlaneError(f"replication did not start: migration {status}")
+    progress = Progress("the memory copy", stall)
+    while (info := await primary.execute("query-migrate")).get("status") != "colo":
+        if info.get("status") in ("failed", "cancelled", "completed"):
+            raise DataPlaneError(f"replication did not start: migration {info.get('status')}")
+        progress.check(info.get("ram", {}).get("transferred"))
         await asyncio.sleep(0.2)
+
+
+class Progress:
+    """A long copy fails when it stops moving, not after a fixed time: a big disk on a slow link
+    takes as long as it takes, a dead peer is noticed within `stall` seconds."""
+
+    def __init__(self, what: str, stall: float) -> None:
+        self.what, self.stall = what, stall
+        self.value: object = None
+        self.moved = asyncio.get_running_loop().time()
+
+    def check(self, value: object) -> None:
+        now = asyncio.get_running_loop().time()
+        if value != self.value:
+            self.value, self.moved = value, now
+        elif now - self.moved > self.stall:
+            raise DataPlaneError(f"{self.what} made no progress for {self.stall:.0f} s (at {value})")
 
 
 async def nic_driver_ready(vm: Vm) -> bool:
@@ -361,25 +389,28 @@ async def nic_driver_ready(vm: Vm) -> bool:
     return True
 
 
-async def resync_disk(primary: Vm, secondary_ip: str, ports: Ports, timeout: float) -> None:
+async def resync_disk(primary: Vm, secondary_ip: str, ports: Ports, stall: float) -> None:
     """Make the secondary's disk a copy of the primary's before replication starts (QEMU's
     COLO-FT.txt, "resume replication"): mirror it over NBD until the copy has caught up, then
     stop the VM and end the mirror; replication then carries every later write, and entering
-    COLO resumes the VM."""
+    COLO resumes the VM (a failure from here on is undone by primary_continue_alone, which
+    resumes it). The copy counts only if the job ended without an error."""
     target = f"nbd://{secondary_ip}:{ports.nbd}/parent0"
     await primary.execute("drive-mirror", {"device": "colo-disk0", "job-id": "resync", "target": target,
                                            "mode": "existing", "format": "raw", "sync": "full"})  # fmt: skip
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not any(
-        j["device"] == "resync" and j.get("ready") for j in await primary.execute("query-block-jobs")
-    ):
-        if loop.time() > deadline:
-            raise DataPlaneError(f"the disk copy to {secondary_ip} did not catch up within {timeout:.0f} s")
+    progress = Progress("the disk copy", stall)
+    while True:
+        (job,) = [j for j in await primary.execute("query-block-jobs") if j["device"] == "resync"] or [None]
+        if job is None:
+            raise DataPlaneError("the disk copy ended before it caught up")
+        if job.get("ready"):
+            break
+        progress.check(job.get("offset"))
         await asyncio.sleep(0.1)
     await primary.execute("stop")
-    await primary.execute("block-job-cancel", {"device": "resync"})
+    await primary.execute("block-job-cancel", {"device": "resync"})  # a ready mirror: completes
     while any(j["device"] == "resync" for j in await primary.execute("query-block-jobs")):
+        progress.check(None)
         await asyncio.sleep(0.05)
 
 
@@ -429,18 +460,38 @@ async def secondary_takeover(secondary: Vm, mode: Mode) -> None:
         await secondary.execute("set_link", {"name": "hn0", "up": up})
     if not (await secondary.execute("query-status"))["running"]:
         await secondary.execute("cont")
-    secondary.host.run("ip", "link", "set", tap_name(secondary.guest, "secondary"), "up")
+    await secondary.host.run("ip", "link", "set", tap_name(secondary.guest, "secondary"), "up")
     await announce(secondary)
 
 
-async def primary_continue_alone(primary: Vm, mode: Mode) -> None:
-    """The secondary is lost: the primary drops its COLO filters and runs unprotected."""
+async def primary_continue_alone(primary: Vm, mode: Mode, peer_lost: bool = False) -> None:
+    """The primary runs on unprotected: whatever replication had set up, or a failed attempt
+    had left half made, is undone, from what the running QEMU has (so the next attempt starts
+    clean), and a VM the disk copy had stopped runs again. With the peer lost, its connections
+    are yanked first: a copy to a dead host would otherwise hang on its sockets."""
+    if peer_lost:
+        instances = await primary.execute("query-yank")
+        hung = [i for i in instances if i["type"] in ("migration", "block-node")]
+        if hung:
+            await primary.execute("yank", {"instances": hung})
+    if any(j["device"] == "resync" for j in await primary.execute("query-block-jobs")):
+        await primary.execute("block-job-cancel", {"device": "resync", "force": True})
+    migration = (await primary.execute("query-migrate")).get("status")
+    if migration in ("setup", "active", "pre-switchover", "device"):
+        await primary.execute("migrate_cancel")
     if await has_block_node(primary, "replication0"):  # stop writing to the lost secondary's disk
         await primary.execute("x-blockdev-change", {"parent": "colo-disk0", "child": "children.1"})
         await hmp(primary, "drive_del replication0")
-    for f in reversed(colo_filters(mode)):  # colo-compare before the iothread it runs in
-        await primary.execute("object-del", {"id": f["id"]})
-    await primary.execute("x-colo-lost-heartbeat")
+    objects = {o["name"] for o in await primary.execute("qom-list", {"path": "/objects"})}
+    for f in reversed(COLO_FILTERS):  # colo-compare before the iothread it runs in
+        if f["id"] in objects:
+            await primary.execute("object-del", {"id": f["id"]})
+    if (await primary.execute("query-colo-status"))["mode"] == "primary":
+        await primary.execute("x-colo-lost-heartbeat")
+    while any(j["device"] == "resync" for j in await primary.execute("query-block-jobs")):
+        await asyncio.sleep(0.05)
+    if (await primary.execute("query-status"))["status"] in ("paused", "postmigrate"):
+        await primary.execute("cont")
 
 
 async def has_block_node(vm: Vm, name: str) -> bool:

@@ -29,7 +29,7 @@ class Config:
     datastore: Path  # shared by every host at the same path: pair records, split-brain tokens
     run_dir: Path  # this host's QMP sockets, consoles, logs, the daemon's own state
     socket: Path  # the local API (root only)
-    secret: bytes  # peer authentication, distributed by the role
+    secret: bytes = field(repr=False)  # peer authentication, distributed by the role
     peer_port: int = 7411
     qemu: tuple[str, ...] = ("qemu-system-x86_64",)
     bridge: str = "vmbr0"
@@ -40,6 +40,10 @@ class Config:
     caps: Caps = field(default_factory=Caps)
     webhook: str | None = None
     reprotect_retry_s: float = 5.0
+    lost_after_s: float = 30.0  # no host of a pair not running answered this long: recorded lost
+    # the id in the datastore's .ft-lockstep-datastore (ft_storage's datastore_id): with it, a
+    # different filesystem mounted at the path is refused too, not only a missing one
+    datastore_id: str | None = None
 
     @property
     def ft_ip(self) -> str:
@@ -97,6 +101,10 @@ def parse(raw, where: str = "config") -> Config:
     for key, value in caps_raw.items():
         if not isinstance(value, int) or value < 0:
             problems.append(f"caps.{key} must be a whole number >= 0 (0: no limit), not {value!r}")
+    if raw.get("datastore_id") is not None and not (
+        isinstance(raw["datastore_id"], str) and raw["datastore_id"]
+    ):
+        problems.append(f"datastore_id must be the datastore's id (a string), not {raw['datastore_id']!r}")
     for key in ("peer_port", "checkpoint_ms"):
         if key in raw and (not isinstance(raw[key], int) or raw[key] <= 0):
             problems.append(f"{key} must be a positive whole number, not {raw[key]!r}")

@@ -17,13 +17,14 @@ from .records import Record
 class HostInfo:
     name: str
     free_mib: int  # MemAvailable; -1 when the host did not answer
+    build: str | None = None  # its QEMU build (the probe's): both sides of a pair run the same
 
 
 def load(records: dict[str, Record], host: str) -> tuple[int, int, int]:
     """(FT VMs, their vCPUs, FT-logging Mb/s estimate) on a host, from the pair records."""
     vms = vcpus = mbps = 0
     for r in records.values():
-        if r.state.value == "not_configured":
+        if r.state.value in ("not_configured", "lost"):
             continue
         if host in r.hosts():
             vms += 1
@@ -38,15 +39,24 @@ def bandwidth_estimate(guest: dict) -> int:
 
 
 def refusals(
-    host: HostInfo, guest: dict, records: dict[str, Record], caps: Caps, primary: str, name: str
+    host: HostInfo,
+    guest: dict,
+    records: dict[str, Record],
+    caps: Caps,
+    primary: str,
+    name: str,
+    build: str | None = None,
 ) -> list[str]:
-    """Why a host cannot take this pair's secondary; empty when it can."""
+    """Why a host cannot take this pair's secondary (build: the primary's QEMU build); empty when
+    it can."""
     why = []
     if host.name == primary:
         why.append(f"{host.name} runs the primary")
     if host.free_mib < 0:
         why.append(f"{host.name} did not answer")
         return why
+    if build is not None and host.build != build:
+        why.append(f"{host.name} runs QEMU {host.build}, the primary {build}: both sides need the same build")
     need = 2 * int(guest.get("memory_mib", 256))
     if host.free_mib < need:
         why.append(f"{host.name} has {host.free_mib} MiB free, the secondary needs {need}")
@@ -64,10 +74,11 @@ def refusals(
 def choose(
     hosts: list[HostInfo], record: Record, records: dict[str, Record], caps: Caps
 ) -> tuple[str | None, list[str]]:
-    """(host, []) or (None, every host's reasons)."""
+    """(host, []) or (None, every host's reasons); the primary's own entry in hosts gives its build."""
     fits, reasons = [], []
+    build = next((h.build for h in hosts if h.name == record.primary.host), None)
     for h in hosts:
-        why = refusals(h, record.guest, records, caps, record.primary.host, record.name)
+        why = refusals(h, record.guest, records, caps, record.primary.host, record.name, build)
         (reasons.extend(why) if why else fits.append(h))
     if not fits:
         return None, reasons

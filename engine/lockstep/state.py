@@ -15,6 +15,7 @@ class FtState(StrEnum):
     RUNNING = "running"
     NEED_SECONDARY = "need_secondary"
     DISABLED = "disabled"
+    LOST = "lost"  # no copy of the VM runs any more (both sides, or the only one, gone)
 
 
 class Reason(StrEnum):
@@ -27,6 +28,10 @@ class Reason(StrEnum):
     NO_COMPATIBLE_HOST = "no_compatible_host"
     LOST_ARBITRATION = "lost_arbitration"  # the other side won the datastore race
     ENTERED_LOCKSTEP = "entered_lockstep"
+    DATASTORE_UNREACHABLE = "datastore_unreachable"
+    ENGINE_RESTARTED = "engine_restarted"  # lockstepd stopped in the middle of protecting
+    VM_EXITED = "vm_exited"  # the QEMU stopped with no other copy to take over
+    HOST_UNREACHABLE = "host_unreachable"  # no host that ran a copy has answered for a while
 
 
 class Action(StrEnum):
@@ -38,6 +43,8 @@ class Action(StrEnum):
     START_FAILED = "start_failed"
     DISABLE = "disable"  # stop the secondary, keep the FT set-up
     TURN_OFF = "turn_off"  # remove the secondary and the FT set-up; the VM keeps running
+    LOST = "lost"  # the last copy stopped, or no host that could run one answers
+    FOUND = "found"  # a copy the cluster had given up on runs after all (its host is back)
 
 
 S = FtState
@@ -46,11 +53,14 @@ TRANSITIONS: dict[Action, tuple[frozenset[FtState], FtState]] = {
     Action.ENABLE: (frozenset({S.NOT_CONFIGURED, S.DISABLED}), S.STARTING),
     Action.SYNCED: (frozenset({S.STARTING}), S.RUNNING),
     Action.SECONDARY_LOST: (frozenset({S.STARTING, S.RUNNING}), S.NEED_SECONDARY),
-    Action.FAILED_OVER: (frozenset({S.RUNNING}), S.NEED_SECONDARY),
+    # from starting too: the primary can die once both watchers run, before running is saved
+    Action.FAILED_OVER: (frozenset({S.STARTING, S.RUNNING}), S.NEED_SECONDARY),
     Action.REPROTECT: (frozenset({S.NEED_SECONDARY}), S.STARTING),
     Action.START_FAILED: (frozenset({S.STARTING}), S.NEED_SECONDARY),
     Action.DISABLE: (frozenset({S.STARTING, S.RUNNING, S.NEED_SECONDARY}), S.DISABLED),
     Action.TURN_OFF: (frozenset({S.STARTING, S.RUNNING, S.NEED_SECONDARY, S.DISABLED}), S.NOT_CONFIGURED),
+    Action.LOST: (frozenset(set(S) - {S.LOST}), S.LOST),
+    Action.FOUND: (frozenset({S.LOST}), S.NEED_SECONDARY),
 }
 
 

@@ -302,10 +302,12 @@ class Watcher:
 
 
 # A query that failed during go-live answers "there is something to undo", so its step is tried.
-UNKNOWN = {
+UNKNOWN = {  # what a failed query is taken to say: that the undo step it guards is needed
     "query-status": {"running": False, "status": "unknown"},
     "query-block-exports": [{}],
     "query-named-block-nodes": [{"node-name": "replication0"}],
+    "qom-list": [{"name": f["id"]} for f in colo.COLO_FILTERS],
+    "query-colo-status": {"mode": "primary"},
 }
 
 
@@ -345,11 +347,11 @@ class _BestEffortHost:
     def __getattr__(self, name: str):
         return getattr(self._host, name)
 
-    def run(self, *cmd: str) -> None:
+    async def run(self, *cmd: str) -> None:
         step = " ".join(cmd)
         for attempt in (1, 2):
             try:
-                return self._host.run(*cmd)
+                return await self._host.run(*cmd)
             except Exception as e:
                 self._watcher.step_failed(step, attempt, e)
         self._watcher.failed_steps.append(step)

@@ -28,6 +28,11 @@ class FakeQemu:
             "query-block-exports": [],
             "query-named-block-nodes": [],
             "human-monitor-command": "",
+            "query-colo-status": {"mode": "primary", "last-mode": "none", "reason": "none"},
+            "query-migrate": {"status": "colo"},
+            "qom-list": [],
+            "query-block-jobs": [],
+            "query-yank": [],
         }
         self.hang: set[str] = set()
         self.fail: set[str] = set()

@@ -36,6 +36,8 @@ def test_a_transition_not_allowed_is_refused_and_changes_nothing(state, action):
     assert (p.state, p.reason, p.generation, p.history) == (state, Reason.USER_ACTION, 7, [])
 
 
-def test_failover_only_from_running():
-    # a secondary that is still being synced is not a complete copy: it must never go live
-    assert TRANSITIONS[Action.FAILED_OVER][0] == {FtState.RUNNING}
+def test_a_failover_is_recorded_from_starting_and_running_only():
+    # watchers (the only ones that can make a secondary go live) start once COLO runs, before
+    # running is saved: a primary lost in that moment leaves a complete copy that went live.
+    # A secondary still being copied has no watcher, so nothing can make it go live.
+    assert TRANSITIONS[Action.FAILED_OVER][0] == {FtState.STARTING, FtState.RUNNING}

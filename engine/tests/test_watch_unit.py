@@ -289,7 +289,8 @@ def test_the_primarys_host_commands_failing_still_go_live(tmp_path):
             p.lose_host()
             await asyncio.wait_for(s.task, 10)
             v = verdict(s)
-            assert v.outcome == "live" and v.failed_steps == ("ip link set fts-vm1 up",)
+            tap = colo.tap_name(colo.Guest(name="vm1", mac=""), "secondary")
+            assert v.outcome == "live" and v.failed_steps == (f"ip link set {tap} up",)
             assert s.fake.received("announce-self")  # the step after it
 
     asyncio.run(main())

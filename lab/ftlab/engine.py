@@ -75,7 +75,10 @@ def start(index: int, **overrides) -> int:
         except OSError:
             return False
 
-    wait_for(f"lockstepd on lab-h{index}", answers, 60, 0.2)
+    try:
+        wait_for(f"lockstepd on lab-h{index}", answers, 60, 0.2)
+    except LabError as e:
+        raise LabError(f"{e}; its log: {log.read_text()[-800:]}") from None
     return pid
 
 

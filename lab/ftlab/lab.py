@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import sys
+import uuid
 from pathlib import Path
 
 import yaml
@@ -212,6 +213,9 @@ def start_storage(state: dict) -> None:
     make_node(state, node, [])
     plug(state, node, "mgmt", "mgmt0", t.STORAGE_IP)
     t.DATASTORE.mkdir(parents=True, exist_ok=True)
+    identity = t.DATASTORE / ".ft-lockstep-datastore"  # as ft_storage makes it on a real site
+    if not identity.exists():
+        identity.write_text(f"{uuid.uuid4()}\n")
     (node.dir / "ganesha.conf").write_text(GANESHA_CONF.format(ip=t.STORAGE_IP, path=t.DATASTORE))
     lun = node.dir / "lun0.img"
     with open(lun, "wb") as f:

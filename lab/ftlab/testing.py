@@ -18,13 +18,16 @@ def labctl(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def lab():
-    """A 3-host lab for the tests of one module; always taken down afterwards."""
+    """A 3-host lab for the tests of one module; always taken down afterwards (FTLAB_KEEP=1, for
+    debugging: a lab that is up is used and left up, logs and all)."""
     if os.geteuid() != 0:
         pytest.fail("the lab tests need root")
+    keep = os.environ.get("FTLAB_KEEP") == "1"
     up = labctl("up", "--hosts", "3")
-    assert up.returncode == 0, up.stdout + up.stderr
+    assert up.returncode == 0 or (keep and up.returncode == 3), up.stdout + up.stderr
     try:
         yield
     finally:
-        down = labctl("down")
-        assert down.returncode == 0, down.stdout + down.stderr
+        if not keep:
+            down = labctl("down")
+            assert down.returncode == 0, down.stdout + down.stderr

@@ -1,0 +1,47 @@
+"""lockstepd's events: JSON lines on stdout (the journal under systemd), in run_dir/events.log
+and, when configured, POSTed to a webhook by one worker with a bounded queue (an event storm or a
+dead webhook costs a counter, not a thread per event)."""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+WEBHOOK_QUEUE = 1000
+
+
+class EventLog:
+    def __init__(self, host: str, path: Path, webhook: str | None = None) -> None:
+        self.host, self.path, self.webhook = host, path, webhook
+        self.webhook_failures = 0
+        self.webhook_dropped = 0
+        self.pending: queue.Queue[dict] = queue.Queue(WEBHOOK_QUEUE)
+        if webhook:
+            threading.Thread(target=self._post_forever, name="webhook", daemon=True).start()
+
+    def emit(self, event: str, **fields) -> dict:
+        line = {"at": round(time.time(), 3), "host": self.host, "event": event, **fields}
+        text = json.dumps(line, default=str)
+        print(text, flush=True)
+        with open(self.path, "a") as f:
+            f.write(text + "\n")
+        if self.webhook:
+            try:
+                self.pending.put_nowait(line)
+            except queue.Full:
+                self.webhook_dropped += 1
+        return line
+
+    def _post_forever(self) -> None:
+        while True:
+            line = self.pending.get()
+            request = urllib.request.Request(self.webhook, json.dumps(line, default=str).encode(),
+                                             {"Content-Type": "application/json"})  # fmt: skip
+            try:
+                urllib.request.urlopen(request, timeout=5).close()
+            except Exception:  # the webhook's health is a metric, not the daemon's problem
+                self.webhook_failures += 1

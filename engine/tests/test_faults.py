@@ -1,0 +1,297 @@
+"""Faults in the engine's own paths, for real: three lockstepd in lab hosts, the lab guest, the
+client checking every byte of one TCP stream. Each fault is injected at the moment it hurts
+(a daemon stopped while the primary's daemon stops the pair, a host lost during a copy, a daemon
+killed mid-protect) and each test ends with the audit (ftlab.audit): one copy talks on the VM
+network, the record equals what runs, nothing of the pair is left over, every lockstepd answers.
+The repetitions (with counts of outcomes) are bench/faults; here a few runs per case."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from ftlab import audit, engine
+from ftlab import topology as t
+from ftlab.colopair import set_links
+from ftlab.guest import StreamFollower
+from ftlab.proc import LabError, wait_for
+
+pytestmark = [pytest.mark.lab, pytest.mark.vm, pytest.mark.slow]
+MiB = 1 << 20
+LOST_AFTER_S = 8.0  # short, so a pair with no copy left is recorded lost within the test
+HOSTS = ("lab-h1", "lab-h2", "lab-h3")
+
+
+@pytest.fixture(scope="module")
+def cluster(lab):
+    for i in (1, 2, 3):
+        engine.start(i, lost_after_s=LOST_AFTER_S)
+    yield
+
+
+def daemon_pid(index: int) -> int:
+    (pid,) = engine.processes(index, " daemon --config")
+    return pid
+
+
+def events(index: int) -> list[dict]:
+    path = t.host(index).dir / "events.log"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def await_event(index: int, ready, timeout: float = 120) -> dict:
+    found: list[dict] = []
+
+    def seen() -> bool:
+        found[:] = [e for e in events(index) if ready(e)]
+        return bool(found)
+
+    wait_for(f"an event on lab-h{index}", seen, timeout, 0.02)
+    return found[0]
+
+
+def protected(name: str, k: int, **vm) -> tuple[StreamFollower, dict]:
+    """The lab guest started on lab-h1 and protected; the client following its stream."""
+    assert engine.ok(1, "POST", "/vms", engine.guest_body(name, k) | vm)["changed"]
+    client = StreamFollower(t.guest_ip(k), timeout=300)
+    client.wait_for_bytes(1, 120)
+    view = engine.ok(1, "POST", f"/vms/{name}/enable", {})["vm"]
+    assert view["state"] == "running", view
+    client.wait_for_bytes(client.bytes + MiB // 4, 60)
+    return client, view
+
+
+def power_off(name: str) -> None:
+    for i in (1, 2, 3):
+        with contextlib.suppress(OSError):
+            if engine.call(i, "POST", f"/vms/{name}/poweroff", {})[0] == 200:
+                return
+
+
+@contextlib.contextmanager
+def daemon_stopped(index: int):
+    """lockstepd on a host SIGSTOPped (a daemon restarting, hung, or its loop blocked)."""
+    pid = daemon_pid(index)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def host_back(index: int, links: list[str]) -> None:
+    set_links(links, up=True)
+    engine.start(index, lost_after_s=LOST_AFTER_S)
+
+
+# --- planned stops while the secondary's daemon is down (review F1 / R1) ----------------------
+
+
+@pytest.mark.parametrize("op", ["disable", "poweroff"])
+def test_a_planned_stop_while_the_secondarys_daemon_is_stopped_leaves_one_copy(cluster, op):
+    """Before: 6 of 6 runs had two copies of the VM running with their taps up for ~14 s, and
+    after SIGCONT the secondary's daemon stopped the primary: the VM was lost."""
+    name, k = f"ftstop-{op}", 10 + ["disable", "poweroff"].index(op)
+    client, view = protected(name, k)
+    secondary = engine.index(view["secondary_host"])
+    try:
+        with daemon_stopped(secondary):
+            answer = engine.ok(1, "POST", f"/vms/{name}/{op}", {})
+            assert answer["changed"]
+            # the secondary's watcher fires without heartbeats, finds the token taken, fences
+            wait_for("the secondary's watcher to end", lambda: not audit.watchers(secondary, name), 30)
+            assert audit.talking(name) == ([1] if op == "disable" else [])  # never two copies
+            if op == "disable":
+                client.wait_for_bytes(client.bytes + MiB // 4, 60)  # one copy, serving
+        audit.clean(name, gone=op == "poweroff")  # its daemon, back, changes nothing
+        if op == "disable":
+            client.wait_for_bytes(client.bytes + MiB // 4, 60)
+            result = client.stop()
+            assert result["ok"], result
+            assert engine.ok(1, "GET", f"/vms/{name}")["state"] == "disabled"
+    finally:
+        power_off(name)
+
+
+# --- a host lost while a copy is on the wire (R5, R12) ---------------------------------------
+
+
+def enable_in_background(index: int, name: str) -> dict:
+    answer: dict = {}
+    thread = threading.Thread(
+        target=lambda: answer.update(engine.call(index, "POST", f"/vms/{name}/enable", {})[1])
+    )
+    thread.start()
+    answer["thread"] = thread
+    return answer
+
+
+def test_enable_whose_secondary_host_dies_during_the_first_copy_keeps_the_vm_and_a_retry_succeeds(cluster):
+    """Before: enable answered after 123 s, the guest was unreachable from then on, and every later
+    attempt failed with "attempt to add duplicate property 'redire0'"."""
+    name, k = "ftcopy", 12
+    assert engine.ok(1, "POST", "/vms", engine.guest_body(name, k) | {"disk_mib": 64})["changed"]
+    client = StreamFollower(t.guest_ip(k), timeout=300)
+    client.wait_for_bytes(1, 120)
+    links: list[str] = []
+    victim = None
+    try:
+        answer = enable_in_background(1, name)
+        deadline = time.monotonic() + 60
+        while victim is None and time.monotonic() < deadline:
+            for i in (2, 3):
+                if any(e.get("vm") == name and e["event"] == "secondary_started" for e in events(i)):
+                    victim = i
+            time.sleep(0.02)
+        assert victim is not None
+        links = engine.kill_host(victim)
+        answer["thread"].join(120)
+        client.wait_for_bytes(client.bytes + MiB // 2, 60)  # the VM served on through it all
+        # FT comes back on its own, on the host that is left (the retry is not refused any more)
+        view = engine.await_pair(name, lambda v: v["state"] == "running", 120)
+        assert view["secondary_host"] == HOSTS[5 - victim - 1], view
+        events_h1 = [e for e in events(1) if e.get("vm") == name]
+        assert any(e["event"] == "protect_failed" for e in events_h1), events_h1
+        client.wait_for_bytes(client.bytes + MiB // 2, 60)
+        audit.clean(name)
+        result = client.stop()
+        assert result["ok"], result
+    finally:
+        if links:
+            host_back(victim, links)
+        power_off(name)
+
+
+def test_a_second_host_lost_during_the_reprotection_copy_leaves_the_survivor_serving(cluster):
+    """Before: the surviving primary stopped serving (the copy's `stop` never undone) and stayed
+    need_secondary/start_failed; when the third host came back it was not re-protected."""
+    name, k = "ftdouble", 13
+    client, view = protected(name, k, disk_mib=64)
+    survivor = engine.index(view["secondary_host"])
+    third = 5 - survivor  # 2 <-> 3
+    first_links = engine.kill_host(1)
+    third_links: list[str] = []
+    try:
+        await_event(third, lambda e: e.get("vm") == name and e["event"] == "secondary_started", 60)
+        third_links = engine.kill_host(third)
+        view = engine.await_pair(
+            name, lambda v: v["state"] == "need_secondary" and v["primary"] == HOSTS[survivor - 1], 90
+        )
+        client.wait_for_bytes(client.bytes + MiB // 2, 90)  # the survivor serves, alone
+        host_back(third, third_links)
+        third_links = []
+        view = engine.await_pair(name, lambda v: v["state"] == "running", 120)
+        assert view["primary"] == HOSTS[survivor - 1]
+        client.wait_for_bytes(client.bytes + MiB // 2, 60)
+        result = client.stop()
+        assert result["ok"], result
+    finally:
+        host_back(1, first_links)
+        if third_links:
+            host_back(third, third_links)
+        with contextlib.suppress(LabError):
+            audit.clean(name, timeout=30)
+        power_off(name)
+
+
+def test_the_survivor_lost_during_its_reprotection_copy_is_recorded_lost_and_cleaned_up(cluster):
+    """Before: the record stayed `starting` with no VM anywhere, pointing at a dead host."""
+    name, k = "ftlast", 14
+    client, view = protected(name, k)
+    survivor = engine.index(view["secondary_host"])
+    third = 5 - survivor
+    first_links = engine.kill_host(1)
+    survivor_links: list[str] = []
+    try:
+        await_event(third, lambda e: e.get("vm") == name and e["event"] == "secondary_started", 60)
+        survivor_links = engine.kill_host(survivor)
+        view = engine.await_pair(name, lambda v: v["state"] == "lost", LOST_AFTER_S + 60)
+        assert view["reason"] == "host_unreachable", view
+        wait_for("the half-made secondary to go", lambda: not audit.qemus(third, name), 60)
+        assert engine.ok(third, "POST", f"/vms/{name}/poweroff", {})["changed"]  # cleaned up from anywhere
+        client.stop()
+    finally:
+        host_back(1, first_links)
+        if survivor_links:
+            host_back(survivor, survivor_links)
+    audit.clean(name, gone=True)
+
+
+# --- lockstepd killed mid-protect and mid-failover (R6, R12) ---------------------------------
+
+
+def test_lockstepd_killed_during_the_copy_and_restarted_protects_the_vm_again(cluster):
+    name, k = "ftrestart", 15
+    assert engine.ok(1, "POST", "/vms", engine.guest_body(name, k) | {"disk_mib": 64})["changed"]
+    client = StreamFollower(t.guest_ip(k), timeout=300)
+    client.wait_for_bytes(1, 120)
+    try:
+        answer = enable_in_background(1, name)
+        deadline = time.monotonic() + 60
+        while not any(
+            e.get("vm") == name and e["event"] == "secondary_started" for i in (2, 3) for e in events(i)
+        ):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        engine.kill_daemon(1)
+        answer["thread"].join(60)
+        client.wait_for_bytes(client.bytes + MiB // 4, 60)  # the VM runs without its daemon
+        engine.start(1, lost_after_s=LOST_AFTER_S)
+        view = engine.await_pair(name, lambda v: v["state"] == "running", 120)
+        assert view["primary"] == "lab-h1"
+        assert any(e.get("vm") == name and e.get("reason") == "engine_restarted" for e in events(1))
+        audit.clean(name)
+        client.wait_for_bytes(client.bytes + MiB // 4, 60)
+        result = client.stop()
+        assert result["ok"], result
+    finally:
+        power_off(name)
+
+
+def test_a_failover_while_the_new_primarys_daemon_is_dead_is_recorded_when_it_returns(cluster):
+    name, k = "ftblind", 16
+    client, view = protected(name, k)
+    secondary = engine.index(view["secondary_host"])
+    try:
+        engine.kill_daemon(secondary)
+        engine.ok(1, "POST", f"/vms/{name}/test-failover", {})  # the watchers act without it
+        client.wait_for_bytes(client.bytes + MiB // 2, 60)
+        engine.start(secondary, lost_after_s=LOST_AFTER_S)
+        view = engine.await_pair(
+            name, lambda v: v["state"] == "running" and v["primary"] == HOSTS[secondary - 1]
+        )
+        audit.clean(name)
+        client.wait_for_bytes(client.bytes + MiB // 2, 60)
+        result = client.stop()
+        assert result["ok"], result
+    finally:
+        power_off(name)
+
+
+# --- names (R3) ----------------------------------------------------------------------------------
+
+
+def test_two_pairs_with_long_similar_names_keep_their_own_taps_through_a_failover(cluster):
+    """Before: their taps were both ftp-webserver-0, and starting one deleted the other's."""
+    names = ("webserver-01", "webserver-02")
+    followers = {}
+    try:
+        for i, name in enumerate(names):
+            followers[name], _ = protected(name, 17 + i)
+        engine.ok(1, "POST", f"/vms/{names[0]}/test-failover", {})
+        for name in names:
+            engine.await_pair(name, lambda v: v["state"] == "running" and v["generation"] >= 1, 120)
+            followers[name].wait_for_bytes(followers[name].bytes + MiB // 2, 90)
+            audit.clean(name)
+        for name in names:
+            result = followers[name].stop()
+            assert result["ok"], (name, result)
+    finally:
+        for name in names:
+            power_off(name)
