@@ -70,6 +70,28 @@ vms:
         - checkpoints, pause_ms_p50, pause_ms_p99, lockstep_interval_s, log_bandwidth_mbps,
           secondary_cpu_percent, secondary_rss_mib.
       type: dict
+    generation:
+      description: The pair's generation; it grows with every failover or new secondary.
+      type: int
+    mode:
+      description: C(lockstep) (KVM) or C(checkpoint) (TCG, or a QEMU without lockstep).
+      type: str
+    checkpoint_ms:
+      description: Longest time between two checkpoints, in milliseconds.
+      type: int
+    preferred_secondary:
+      description: The host preferred for the secondary, if any.
+      type: str
+    guest:
+      description: The VM's definition as lockstepd runs it (name, mac, memory_mib, vcpus, kernel, ...).
+      type: dict
+    datastore:
+      description: The shared datastore lockstepd keeps the pair's records on.
+      type: str
+    disks:
+      description: The primary's disk images (known on the primary's host).
+      type: list
+      elements: str
 """
 
 from ansible.module_utils.basic import AnsibleModule
