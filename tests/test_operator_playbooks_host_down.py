@@ -77,3 +77,18 @@ def test_no_ft_host_answering_fails_the_play_with_the_hosts_named(tmp_path, engi
     inv.write_text(yaml.safe_dump(doc))
     r = run("status.yml", inv)
     assert r.returncode != 0 and "no FT host answers: dead1, live2" in r.stdout, r.stdout[-3000:]
+
+
+def test_module_defaults_for_the_engine_group_give_the_socket_to_every_engine_module(tmp_path, engine):
+    tasks = [{"name": "Cluster", "ft.lockstep.ft_cluster_info": {}},
+             {"name": "VMs", "ft.lockstep.ft_vm_info": {}},
+             {"name": "Suspend", "ft.lockstep.ft_vm": {"name": "db1", "state": "disabled"}}]  # fmt: skip
+    defaults = {"group/ft.lockstep.engine": {"socket": engine.path}}
+    play = [{"name": "Engine modules", "hosts": "live2", "gather_facts": False, "module_defaults": defaults,
+             "tasks": tasks}]  # fmt: skip
+    (tmp_path / "play.yml").write_text(yaml.safe_dump(play))
+    inv = inventory(tmp_path, "/nonexistent.sock")  # no socket given in the tasks: the group's default wins
+    r = subprocess.run([BIN / "ansible-playbook", "-i", str(inv), str(tmp_path / "play.yml")],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert [c[1] for c in engine.calls] == ["/status", "/status", "/vms/db1", "/vms/db1"]

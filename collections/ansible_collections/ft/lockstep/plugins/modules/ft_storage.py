@@ -88,6 +88,13 @@ attributes:
   diff_mode:
     description: Shows the fstab entry, the mount, the iSCSI session and the pool before and after.
     support: full
+  idempotent:
+    description: When run twice with the same arguments, the second run reports no change.
+    support: full
+  platform:
+    description: Target OS/families that can be operated against.
+    support: full
+    platforms: linux
 """
 
 EXAMPLES = r"""

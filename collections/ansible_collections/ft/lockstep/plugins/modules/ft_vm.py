@@ -97,6 +97,13 @@ attributes:
   diff_mode:
     description: Returns before and after when run with --diff.
     support: full
+  idempotent:
+    description: When run twice with the same arguments, the second run reports no change.
+    support: full
+  platform:
+    description: Target OS/families that can be operated against.
+    support: full
+    platforms: linux
 """
 
 EXAMPLES = r"""

@@ -21,12 +21,21 @@ options:
     type: str
 attributes:
   check_mode:
-    description: Can run in check mode and report what would change.
+    description: Can run in check mode.
     support: full
-    details: It changes nothing.
+    details: This action does not modify state.
   diff_mode:
-    description: Returns before and after when run with --diff.
-    support: none
+    description: Returns what changed (or would change in check mode) when run with --diff.
+    support: N/A
+    details: This action does not modify state.
+  idempotent:
+    description: When run twice with the same arguments, the second run reports no change.
+    support: full
+    details: This action does not modify state.
+  platform:
+    description: Target OS/families that can be operated against.
+    support: full
+    platforms: linux
 """
 
 EXAMPLES = r"""

@@ -46,6 +46,7 @@ class FakeLockstepd(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         self.settle = settle
         self.pending = {}  # name -> GETs left before a transient state becomes running
         self.calls = []  # (method, path, body)
+        self.status_extra = {}  # more keys in GET /status (as a newer daemon may add)
         self.lock = threading.Lock()
         super().__init__(self.path, _Handler)
 
@@ -80,6 +81,7 @@ class FakeLockstepd(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
                     for p in pairs
                     if p["alarm"] != "green"
                 ],
+                **self.status_extra,
             }
         if method == "POST" and parts == ["vms"]:
             self.vms[body["name"]] = pair(body["name"], "not_configured", guest=body)

@@ -82,6 +82,6 @@ def test_turn_on_suspend_and_off_check_mode_first_then_real_then_no_change(engin
         checked = run(engine, capsys, check=True, name="db1", state=state)
         assert checked["changed"] and engine.vms["db1"]["state"] == before, checked
         assert checked["diff"]["after"]["state"] == expected
-        first, second = (run(engine, capsys, name="db1", state=state) for _ in range(2))
+        first, second = (run(engine, capsys, name="db1", state=state) for _repeat in range(2))
         assert first["changed"] and not second["changed"], (first, second)
         assert first["vm"]["state"] == expected == engine.vms["db1"]["state"]
