@@ -100,6 +100,8 @@ def test_ansible_content_passes_ansible_lint_production_profile():
         ("ft_vm_info", "socket"),
         ("ft_cluster_info", "socket"),
         ("ft_drill", "action"),
+        ("ft_migrate", "role"),
+        ("ft_host_info", "ftctl"),
     ],
 )
 def test_the_collection_ships_its_modules_with_their_documentation(module, option):
