@@ -4,17 +4,32 @@ The fast version without the lab is tests/test_operator_playbooks_host_down.py."
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import subprocess
+from pathlib import Path
 
 import pytest
 
 from ftlab import engine
 from ftlab import lab as ftlab_lab
+from ftlab import topology as t
 from ftlab.ansible import playbook
 from lockstep import api
 
 pytestmark = [pytest.mark.lab, pytest.mark.vm, pytest.mark.slow]
+
+
+def stop_sshd(host: t.Host) -> None:
+    """Every sshd of the host: the listener and the sessions that Ansible's ControlPersist keeps open
+    (its lockstepd and libvirtd go on)."""
+    os.kill(ftlab_lab.load_state()["services"][host.name]["sshd"], signal.SIGKILL)
+    pids = subprocess.run(["ip", "netns", "pids", host.netns], capture_output=True, text=True).stdout.split()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "sshd":
+                os.kill(int(pid), signal.SIGKILL)
 
 
 def test_status_protect_and_drill_run_with_the_first_lab_host_unreachable(lab):
@@ -22,8 +37,7 @@ def test_status_protect_and_drill_run_with_the_first_lab_host_unreachable(lab):
     assert code == 0, out[-4000:]
     status, view = api.local(engine.installed_socket(2), "POST", "/vms", engine.guest_body("down1", 2))
     assert status == 200, view
-    sshd = ftlab_lab.load_state()["services"]["lab-h1"]["sshd"]
-    os.kill(sshd, signal.SIGTERM)
+    stop_sshd(t.host(1))
 
     survey = ("-e", "ft_vm_name=down1", "-e", "ft_vm_state=enabled")
     code, out, recap = playbook("playbooks/protect.yml", *survey)
