@@ -27,6 +27,31 @@ def test_the_collection_builds_into_a_tarball(tmp_path):
         names = tar.getnames()
     assert {"MANIFEST.json", "FILES.json", "meta/runtime.yml", "README.md"} <= set(names)
     assert "plugins/modules/ft_vm.py" in names and "plugins/doc_fragments/engine.py" in names
+    assert {"LICENSE", "changelogs/changelog.yaml", "changelogs/config.yaml"} <= set(names)
+    with tarfile.open(tarball) as tar:
+        manifest = json.load(tar.extractfile("MANIFEST.json"))["collection_info"]
+    assert manifest["repository"] == "https://github.com/ft-lockstep/ft" and manifest["issues"]
+    assert {"infrastructure", "linux"} <= set(manifest["tags"])
+
+
+def test_the_license_is_the_gpl_3_text_at_the_root_and_in_the_collection():
+    for path in (REPO / "LICENSE", COLLECTION / "LICENSE"):
+        text = path.read_text()
+        assert text.lstrip().startswith("GNU GENERAL PUBLIC LICENSE") and "Version 3, 29 June 2007" in text
+    assert yaml.safe_load((COLLECTION / "galaxy.yml").read_text())["license"] == ["GPL-3.0-or-later"]
+
+
+def test_runtime_metadata_requires_the_tested_core_and_groups_the_engine_modules():
+    runtime = yaml.safe_load((COLLECTION / "meta" / "runtime.yml").read_text())
+    assert runtime["requires_ansible"] == ">=2.19.0"
+    assert "ansible-core==2.19." in (REPO / "lab" / "requirements.txt").read_text()
+    assert {"ft_cluster_info", "ft_drill", "ft_vm", "ft_vm_info"} <= set(runtime["action_groups"]["engine"])
+
+
+def test_every_module_documents_idempotent_and_platform():
+    for path in sorted((COLLECTION / "plugins" / "modules").glob("*.py")):
+        doc = yaml.safe_load(path.read_text().split('DOCUMENTATION = r"""', 1)[1].split('"""', 1)[0])
+        assert {"check_mode", "diff_mode", "idempotent", "platform"} <= set(doc["attributes"]), path.name
 
 
 def test_the_execution_environment_bakes_in_the_tarball_the_collection_builds_into():
@@ -59,7 +84,7 @@ def test_python_code_is_formatted_and_lint_clean():
 def test_ansible_content_passes_ansible_lint_production_profile():
     lint = subprocess.run(
         [VENV / "ansible-lint", "--offline", "--profile", "production",
-         "playbooks/", "roles/", "inventories/", "molecule/"],
+         "playbooks/", "roles/", "inventories/", "molecule/", "collections/"],
         cwd=REPO, capture_output=True, text=True,
     )  # fmt: skip
     assert lint.returncode == 0, lint.stdout + lint.stderr
@@ -75,6 +100,8 @@ def test_ansible_content_passes_ansible_lint_production_profile():
         ("ft_vm_info", "socket"),
         ("ft_cluster_info", "socket"),
         ("ft_drill", "action"),
+        ("ft_migrate", "role"),
+        ("ft_host_info", "ftctl"),
     ],
 )
 def test_the_collection_ships_its_modules_with_their_documentation(module, option):

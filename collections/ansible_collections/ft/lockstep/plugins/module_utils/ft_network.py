@@ -368,8 +368,12 @@ def _render_networkd(want):
             )
     files[f"{directory}/{prefix}.network"] = (
         head
-        + "[Match]\nName={}\n\n{}[Network]\nAddress={}\nLinkLocalAddressing=no\n".format(
-            want.interface, link + "\n" if link else "", want.address
+        + "[Match]\nName={}\n\n{}[Network]\nAddress={}\nLinkLocalAddressing={}\n".format(
+            want.interface,
+            link + "\n" if link else "",
+            want.address,
+            # IPv6 neighbour discovery needs the link-local address; IPv4 needs none
+            "ipv6" if ipaddress.ip_interface(want.address).version == 6 else "no",
         )
     )
     return files
@@ -378,7 +382,11 @@ def _render_networkd(want):
 def _render_nm(want):
     directory, prefix = owned_paths(want.role, "NetworkManager")
     head = MARK.format(role=want.role)
-    ip = f"[ipv4]\nmethod=manual\naddress1={want.address}\n\n[ipv6]\nmethod=disabled\n"
+    # the address goes in its own family's section; the other family is disabled
+    if ipaddress.ip_interface(want.address).version == 6:
+        ip = f"[ipv4]\nmethod=disabled\n\n[ipv6]\nmethod=manual\naddress1={want.address}\n"
+    else:
+        ip = f"[ipv4]\nmethod=manual\naddress1={want.address}\n\n[ipv6]\nmethod=disabled\n"
     mtu = f"mtu={want.mtu}\n" if want.mtu else ""
     files = {}
     if want.bonded:

@@ -41,8 +41,16 @@ attributes:
     support: full
     details: In check mode only the pair's state is checked; nothing is killed.
   diff_mode:
-    description: Returns before and after when run with --diff.
+    description: Returns no diff; RV(before) and RV(after) show the pair around the drill.
     support: none
+  idempotent:
+    description: When run twice with the same arguments, the second run reports no change.
+    support: none
+    details: Every run kills a QEMU (the primary's or the secondary's) and reports a change.
+  platform:
+    description: Target OS/families that can be operated against.
+    support: full
+    platforms: linux
 """
 
 EXAMPLES = r"""

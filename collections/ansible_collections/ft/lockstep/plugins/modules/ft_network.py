@@ -85,6 +85,13 @@ attributes:
   diff_mode:
     description: Shows the interface before and after and each persisted file.
     support: full
+  idempotent:
+    description: When run twice with the same arguments, the second run reports no change.
+    support: full
+  platform:
+    description: Target OS/families that can be operated against.
+    support: full
+    platforms: linux
 notes:
   - Files written for systemd-networkd (C(/etc/systemd/network/40-ft-ROLE*)) or NetworkManager
     (C(/etc/NetworkManager/system-connections/ft-ROLE*)) take effect at the next boot or reload; the

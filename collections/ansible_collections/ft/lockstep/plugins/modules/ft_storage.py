@@ -14,6 +14,9 @@ description:
     (logged in again at boot) and logs in.
   - C(dir) uses O(path) as it is (a datastore mounted by other means).
   - Then a libvirt storage pool (C(netfs), C(iscsi) or C(dir)) is defined, started and autostarted.
+  - An iSCSI LUN may carry VM disks, but it is no datastore for lockstepd - the engine's datastore must
+    be one filesystem shared by every FT host (C(nfs), or C(dir) for a shared filesystem mounted
+    there). Role C(ft_storage) refuses C(iscsi) for it.
   - Every host that sees a datastore sees the same C(datastore_id) (for NFS and dir a file the first
     host creates in it, for iSCSI the LUN's WWID). Give one host's id to the others in
     O(same_datastore_as) and a host that sees a different datastore at the path is refused.
@@ -85,6 +88,13 @@ attributes:
   diff_mode:
     description: Shows the fstab entry, the mount, the iSCSI session and the pool before and after.
     support: full
+  idempotent:
+    description: When run twice with the same arguments, the second run reports no change.
+    support: full
+  platform:
+    description: Target OS/families that can be operated against.
+    support: full
+    platforms: linux
 """
 
 EXAMPLES = r"""

@@ -22,6 +22,7 @@ description:
     whichever FT host that is.
   - A VM lockstepd does not run yet is started under it from O(definition) (C(enabled),
     C(disabled)); a libvirt domain of the same name on the managed host is checked as above.
+    Without O(definition) such a VM is refused (C(enabled), C(disabled)), in check mode as well.
 author:
   - ft developers (@ft-lockstep)
 extends_documentation_fragment:
@@ -45,7 +46,9 @@ options:
     description: The FT host preferred for the secondary (placement may still refuse it, with the reason).
     type: str
   wait:
-    description: Wait until the pair is C(running) (C(enabled)); fail with its state and reason if not.
+    description:
+      - Wait until the pair is C(running) (C(enabled)), also when it was already turned on and is
+        still C(starting) or C(need_secondary); fail with its state and reason if not within O(wait_timeout).
     type: bool
     default: true
   wait_timeout:
@@ -94,6 +97,13 @@ attributes:
   diff_mode:
     description: Returns before and after when run with --diff.
     support: full
+  idempotent:
+    description: When run twice with the same arguments, the second run reports no change.
+    support: full
+  platform:
+    description: Target OS/families that can be operated against.
+    support: full
+    platforms: linux
 """
 
 EXAMPLES = r"""
@@ -138,6 +148,36 @@ vm:
     stats:
       description: Statistics (on the primary's host's answer).
       type: dict
+    name:
+      description: The VM.
+      type: str
+    generation:
+      description: The pair's generation; it grows with every failover or new secondary.
+      type: int
+      sample: 3
+    mode:
+      description: C(lockstep) (KVM) or C(checkpoint) (TCG, or a QEMU without lockstep).
+      type: str
+    checkpoint_ms:
+      description: Longest time between two checkpoints, in milliseconds.
+      type: int
+      sample: 100
+    alarm:
+      description: C(green), C(yellow) (suspended, or slow lockstep) or C(red) (no secondary).
+      type: str
+    preferred_secondary:
+      description: The host preferred for the secondary (O(secondary_host)), if any.
+      type: str
+    guest:
+      description: The VM's definition as lockstepd runs it (name, mac, memory_mib, vcpus, kernel, ...).
+      type: dict
+    datastore:
+      description: The shared datastore lockstepd keeps the pair's records on.
+      type: str
+    disks:
+      description: The primary's disk images (known on the primary's host).
+      type: list
+      elements: str
 reasons:
   description: Every reason the VM was refused.
   returned: failed with reasons
@@ -216,6 +256,22 @@ def refusals(module, engine, view):
     return problems, thin
 
 
+def await_running(module, engine, view, notes):
+    """With O(wait), the pair's view once running; fails with its state and reason at the deadline."""
+    p = module.params
+    if not p["wait"]:
+        return view
+    view, ok = engine.await_vm(p["name"], lambda v: v["state"] == "running", p["wait_timeout"])
+    if not ok:
+        state = "gone" if view is None else "{} ({})".format(view["state"], view["reason"])
+        module.fail_json(
+            msg="{} did not reach running within {} s: {}".format(p["name"], p["wait_timeout"], state),
+            vm=view,
+            notes=notes,
+        )
+    return view
+
+
 def main():
     module = AnsibleModule(
         argument_spec=dict(
@@ -256,7 +312,7 @@ def main():
         interval_change = (
             want_on and on and p["checkpoint_ms"] is not None and p["checkpoint_ms"] != view["checkpoint_ms"]
         )
-        if want_on and not on:
+        if (want_on and not on) or view is None:  # a VM to protect, or to start from its definition
             problems, thin = refusals(module, engine, view)
             if problems:
                 module.fail_json(
@@ -265,7 +321,7 @@ def main():
                     vm=view,
                     notes=notes,
                 )
-            for disk in thin:
+            for disk in thin if want_on else []:
                 if not module.check_mode:
                     vm_checks.thicken(disk)
                 notes.append(f"thin disk {disk} made thick (every block allocated)")
@@ -283,6 +339,8 @@ def main():
             if interval_change or (want_on and p["checkpoint_ms"] is not None):
                 after["checkpoint_ms"] = p["checkpoint_ms"]
         diff = {"before": before, "after": after}
+        if not changed and not module.check_mode and want_on and view["state"] != "running":
+            view = await_running(module, engine, view, notes)  # starting or need_secondary: wait
         if module.check_mode or not changed:
             module.exit_json(changed=changed, vm=view, notes=notes, diff=diff)
         if view is None:
@@ -294,15 +352,8 @@ def main():
             view = engine.request(
                 "POST", f"/vms/{name}/enable", dict((k, v) for k, v in body.items() if v is not None)
             )["vm"]
-            if p["wait"] and view["state"] != "running":
-                view, ok = engine.await_vm(name, lambda v: v["state"] == "running", p["wait_timeout"])
-                if not ok:
-                    module.fail_json(
-                        msg=f"{name} did not reach running within {p['wait_timeout']} s: "
-                        f"{view['state']} ({view['reason']})",
-                        vm=view,
-                        notes=notes,
-                    )
+            if view["state"] != "running":
+                view = await_running(module, engine, view, notes)
         elif state == "disabled" and view["state"] not in OFF:
             view = engine.request("POST", f"/vms/{name}/disable")["vm"]
         elif state == "absent":

@@ -21,12 +21,21 @@ options:
     type: str
 attributes:
   check_mode:
-    description: Can run in check mode and report what would change.
+    description: Can run in check mode.
     support: full
-    details: It changes nothing.
+    details: This action does not modify state.
   diff_mode:
-    description: Returns before and after when run with --diff.
-    support: none
+    description: Returns what changed (or would change in check mode) when run with --diff.
+    support: N/A
+    details: This action does not modify state.
+  idempotent:
+    description: When run twice with the same arguments, the second run reports no change.
+    support: full
+    details: This action does not modify state.
+  platform:
+    description: Target OS/families that can be operated against.
+    support: full
+    platforms: linux
 """
 
 EXAMPLES = r"""
@@ -70,6 +79,28 @@ vms:
         - checkpoints, pause_ms_p50, pause_ms_p99, lockstep_interval_s, log_bandwidth_mbps,
           secondary_cpu_percent, secondary_rss_mib.
       type: dict
+    generation:
+      description: The pair's generation; it grows with every failover or new secondary.
+      type: int
+    mode:
+      description: C(lockstep) (KVM) or C(checkpoint) (TCG, or a QEMU without lockstep).
+      type: str
+    checkpoint_ms:
+      description: Longest time between two checkpoints, in milliseconds.
+      type: int
+    preferred_secondary:
+      description: The host preferred for the secondary, if any.
+      type: str
+    guest:
+      description: The VM's definition as lockstepd runs it (name, mac, memory_mib, vcpus, kernel, ...).
+      type: dict
+    datastore:
+      description: The shared datastore lockstepd keeps the pair's records on.
+      type: str
+    disks:
+      description: The primary's disk images (known on the primary's host).
+      type: list
+      elements: str
 """
 
 from ansible.module_utils.basic import AnsibleModule

@@ -31,11 +31,21 @@ options:
     default: true
 attributes:
   check_mode:
-    description: Reads only; check mode returns the same facts.
+    description: Can run in check mode.
     support: full
+    details: This action does not modify state.
   diff_mode:
-    description: Nothing changes, so there is no diff.
-    support: none
+    description: Returns what changed (or would change in check mode) when run with --diff.
+    support: N/A
+    details: This action does not modify state.
+  idempotent:
+    description: When run twice with the same arguments, the second run reports no change.
+    support: full
+    details: This action does not modify state.
+  platform:
+    description: Target OS/families that can be operated against.
+    support: full
+    platforms: linux
 """
 
 EXAMPLES = r"""

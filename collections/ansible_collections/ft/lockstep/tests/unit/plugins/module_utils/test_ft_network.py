@@ -172,6 +172,17 @@ def test_networkmanager_keyfiles_make_a_bond_with_its_ports():
     port = files["/etc/NetworkManager/system-connections/ft-ft-logging-ens5.nmconnection"]
     assert "interface-name=ens5\nmaster=ft-log\nslave-type=bond" in port
     assert net.render(bond_want(state="absent"), "NetworkManager") == {}
+    assert "[ipv4]\nmethod=manual\naddress1=10.0.2.11/24\n\n[ipv6]\nmethod=disabled\n" in bond
+
+
+def test_an_ipv6_address_goes_into_the_ipv6_section_of_the_keyfile_and_the_networkd_file():
+    want = net.Want("ft_logging", ["ens4"], "fd00:2::11/64")
+    assert net.problems(want, host(nic("ens4"))) == ([], [])
+    keyfile = net.render(want, "NetworkManager")[net.main_file("ft_logging", "NetworkManager")]
+    assert "[ipv4]\nmethod=disabled\n\n[ipv6]\nmethod=manual\naddress1=fd00:2::11/64\n" in keyfile
+    assert "fd00" not in keyfile.split("[ipv6]")[0]
+    networkd = net.render(want, "systemd-networkd")[net.main_file("ft_logging", "systemd-networkd")]
+    assert "Address=fd00:2::11/64\nLinkLocalAddressing=ipv6\n" in networkd
 
 
 def test_the_running_stack_is_found_from_the_processes(tmp_path):
