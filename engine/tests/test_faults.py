@@ -159,6 +159,8 @@ def test_enable_whose_secondary_host_dies_during_the_first_copy_keeps_the_vm_and
         events_h1 = [e for e in events(1) if e.get("vm") == name]
         assert any(e["event"] == "protect_failed" for e in events_h1), events_h1
         client.wait_for_bytes(client.bytes + MiB // 2, 60)
+        host_back(victim, links)
+        links = []
         audit.clean(name)
         result = client.stop()
         assert result["ok"], result

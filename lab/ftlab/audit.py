@@ -62,7 +62,11 @@ def problems(name: str, gone: bool = False) -> list[str]:
     talking = {i: [tap for tap, up in taps(i, name).items() if up] for i in HOSTS}
     live = [i for i in HOSTS if running[i] and talking[i]]
     for i in HOSTS:
-        if engine.call(i, "GET", "/status")[0] != 200:
+        try:
+            answers = engine.call(i, "GET", "/status")[0] == 200
+        except OSError:
+            answers = False
+        if not answers:
             found.append(f"lockstepd on lab-h{i} does not answer")
         if talking[i] and not running[i]:
             found.append(f"lab-h{i}: tap {talking[i]} up with no running QEMU of {name}")
