@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import hashlib
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -337,6 +338,7 @@ async def start_replication(
     fails; the caller then undoes it all with primary_continue_alone(peer_lost=True)."""
     if primary.guest.disk_mib:
         await resync_disk(primary, secondary_ip, ports, stall)
+        await reachable(primary.host, secondary_ip, ports.nbd)
         await hmp(primary, f"drive_add -n buddy driver=replication,mode=primary,file.driver=nbd,"
                            f"file.host={secondary_ip},file.port={ports.nbd},file.export=parent0,"
                            f"node-name=replication0")  # fmt: skip
@@ -358,6 +360,22 @@ async def start_replication(
             raise DataPlaneError(f"replication did not start: migration {info.get('status')}")
         progress.check(info.get("ram", {}).get("transferred"))
         await asyncio.sleep(0.2)
+
+
+PROBE = "import socket, sys; a = sys.argv; socket.create_connection((a[1], int(a[2])), float(a[3])).close()"
+
+
+async def reachable(host: Host, ip: str, port: int, timeout: float = 1.0) -> None:
+    """Fail at once unless the peer's port answers from this host (its network namespace). QEMU
+    opens an NBD connection in its main loop, holding its big lock: to a host that just died the
+    connect blocks for the kernel's SYN retries (about two minutes), and the guest with it. This
+    leaves that window at the milliseconds between this probe and QEMU's own connect."""
+    try:
+        await asyncio.wait_for(
+            host.run(sys.executable, "-c", PROBE, ip, str(port), str(timeout)), timeout + 5
+        )
+    except (DataPlaneError, TimeoutError):
+        raise DataPlaneError(f"{ip}:{port} does not answer from {host.name}: the secondary is gone") from None
 
 
 class Progress:
@@ -396,6 +414,7 @@ async def resync_disk(primary: Vm, secondary_ip: str, ports: Ports, stall: float
     COLO resumes the VM (a failure from here on is undone by primary_continue_alone, which
     resumes it). The copy counts only if the job ended without an error."""
     target = f"nbd://{secondary_ip}:{ports.nbd}/parent0"
+    await reachable(primary.host, secondary_ip, ports.nbd)
     await primary.execute("drive-mirror", {"device": "colo-disk0", "job-id": "resync", "target": target,
                                            "mode": "existing", "format": "raw", "sync": "full"})  # fmt: skip
     progress = Progress("the disk copy", stall)

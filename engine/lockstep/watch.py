@@ -69,6 +69,7 @@ class WatchConfig:
     claim_timeout: float = 5.0  # after this a claim is pending: logged, still awaited
     secondary_delay: float = 0.2  # the primary's head start in the race (two heartbeats' jitter)
     startup_grace: float = 10.0  # until the other side's first heartbeat: its watcher may start later
+    busy_limit: float = 10.0  # own QEMU answers out of band, its main loop blocked this long: hung
     datastore_id: str | None = None  # the id in ft_storage's id file; None: the file need only exist
     secret: bytes | None = field(default=None, repr=False)  # signs heartbeats; None: unsigned
 
@@ -207,14 +208,23 @@ class Watcher:
         hello = {"pair": cfg.pair, "generation": cfg.generation, "role": cfg.role}
         self.log("watching", **hello, peer=f"{cfg.peer[0]}:{cfg.peer[1]}", timeout=cfg.timeout)
         announced = False
+        busy_since: float | None = None
         try:
             while True:
                 await asyncio.sleep(cfg.interval)
                 try:
                     await self.vm.execute("query-status", timeout=cfg.timeout)
+                    busy_since = None
                 except Exception as e:  # timeout, or the QMP connection is gone with its QEMU
                     detail = f"own QEMU did not answer within {cfg.timeout} s ({type(e).__name__})"
-                    return self.fence(Reason.PARTIAL_HARDWARE_FAILURE, detail)
+                    if not await self.answers_out_of_band():
+                        return self.fence(Reason.PARTIAL_HARDWARE_FAILURE, detail)
+                    if busy_since is None:  # alive, its main loop blocked: on a peer gone mid-checkpoint?
+                        busy_since = time.monotonic()
+                        self.log("own-busy", detail=f"{detail}, but it answers out of band")
+                    elif time.monotonic() - busy_since > cfg.busy_limit:
+                        return self.fence(Reason.PARTIAL_HARDWARE_FAILURE,
+                                          f"own QEMU's main loop blocked for {cfg.busy_limit} s")  # fmt: skip
                 seq += 1
                 transport.sendto(heartbeat(cfg, seq), cfg.peer)
                 if resumes.clear():
@@ -236,10 +246,39 @@ class Watcher:
                     if time.monotonic() - beats.last < cfg.timeout:
                         self.log("peer-back")
                         continue
+                if busy_since is not None and not await self.unblock():
+                    return self.fence(
+                        Reason.PARTIAL_HARDWARE_FAILURE, "own QEMU stayed blocked after its peer went"
+                    )
                 return await self.decide(reason, detail)
         finally:
             self.vm.qmp.remove_listener(resumes)
             transport.close()
+
+    async def answers_out_of_band(self) -> bool:
+        """Whether this side's QEMU process runs at all: an out-of-band command is answered by
+        its monitor thread even while the main loop is blocked (a checkpoint stuck on a peer
+        that stopped mid-transfer holds QEMU's big lock); a stopped or dead QEMU answers nothing."""
+        try:
+            await asyncio.wait_for(self.vm.qmp.execute("yank", {"instances": []}, oob=True), self.cfg.timeout)
+        except Exception:
+            return False
+        return True
+
+    async def unblock(self) -> bool:
+        """The peer is gone and this QEMU's main loop is blocked on it: break its connection to
+        the peer (yank, as colod does before failing over), then it must answer again."""
+        instances = [{"type": "migration"}]
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(
+                self.vm.qmp.execute("yank", {"instances": instances}, oob=True), self.cfg.timeout
+            )
+        self.log("yanked", instances=["migration"])
+        for _ in range(int(self.cfg.busy_limit / self.cfg.timeout) + 1):
+            with contextlib.suppress(Exception):
+                await self.vm.execute("query-status", timeout=self.cfg.timeout)
+                return True
+        return False
 
     async def decide(self, reason: Reason, detail: str) -> Verdict:
         self.reason, self.detail = reason, detail

@@ -34,8 +34,10 @@ class FakeQemu:
             "query-block-jobs": [],
             "query-yank": [],
         }
-        self.hang: set[str] = set()
+        self.hang: set[str] = set()  # in-band commands never answered (its main loop blocked)
         self.fail: set[str] = set()
+        self.oob = False  # offers out-of-band execution, answered even while in-band commands hang
+        self.stopped = False  # answers nothing at all (the process is stopped)
         self.on_command = None  # called with each command's name before it is answered
         self.writers: list[asyncio.StreamWriter] = []
         self.server: asyncio.Server | None = None
@@ -57,7 +59,8 @@ class FakeQemu:
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.writers.append(writer)
-        writer.write(json.dumps(GREETING).encode() + b"\r\n")
+        greeting = {"QMP": GREETING["QMP"] | {"capabilities": ["oob"] if self.oob else []}}
+        writer.write(json.dumps(greeting).encode() + b"\r\n")
         decoder, buf = json.JSONDecoder(), ""
         while data := await reader.read(65536):
             buf += data.decode()
@@ -70,14 +73,15 @@ class FakeQemu:
                 self.answer(writer, msg)
 
     def answer(self, writer: asyncio.StreamWriter, msg: dict) -> None:
-        cmd = msg["execute"]
+        oob = "exec-oob" in msg
+        cmd = msg["exec-oob"] if oob else msg["execute"]
         if cmd != "qmp_capabilities":
             self.commands.append((cmd, msg.get("arguments")))
             if self.on_command:
                 self.on_command(cmd)
-        if cmd in self.hang:
+        if self.stopped or (cmd in self.hang and not oob):
             return
-        if cmd in self.fail:
+        if cmd in self.fail or (oob and not self.oob):  # QEMU refuses exec-oob unless it was offered
             reply = {"error": {"class": "GenericError", "desc": f"{cmd} failed (FakeQemu)"}}
         else:
             reply = {"return": self.answers.get(cmd, {})}

@@ -526,3 +526,49 @@ def test_ftctl_watch_an_error_before_a_win_is_not_a_win(tmp_path):
             assert p.fenced
 
     asyncio.run(main())
+
+
+def test_a_side_whose_main_loop_a_stopped_peer_blocks_mid_checkpoint_yanks_it_and_goes_live(tmp_path):
+    """The primary stopped (SIGSTOP) while a checkpoint was on the wire: the secondary, loading it
+    under QEMU's big lock, answers no in-band command. Before, its watcher took that for a hung
+    QEMU and fenced it while the primary's watcher fenced the primary: no copy left (10 of 17
+    runs on the lab). It answers out of band, so it is alive: once the peer is lost, yank."""
+
+    async def main():
+        async with pair(tmp_path) as sides:
+            p, s = sides["primary"], sides["secondary"]
+            s.fake.oob = True
+            await start_both(sides)
+
+            def loading(cmd: str) -> None:
+                if cmd == "yank" and s.fake.commands[-1][1] == {"instances": [{"type": "migration"}]}:
+                    s.fake.hang.discard("query-status")  # the load fails, the lock is released
+
+            s.fake.on_command = loading
+            s.fake.hang.add("query-status")
+            p.fake.stopped = True
+            await asyncio.wait_for(asyncio.gather(p.task, s.task), 20)
+            assert verdict(p).outcome == "fenced" and p.fenced
+            assert verdict(s).outcome == "live" and not s.fenced
+            assert s.logged("own-busy") and s.logged("yanked")
+            assert s.fake.received("x-colo-lost-heartbeat")
+
+    asyncio.run(main())
+
+
+def test_a_secondary_blocked_while_its_primary_lives_fences_and_the_primary_runs_on(tmp_path):
+    """Blocked but alive is not a licence to go live: with the primary healthy, the secondary's
+    slowed heartbeats make the primary continue alone, and the secondary, still blocked after
+    the yank, fences itself."""
+
+    async def main():
+        async with pair(tmp_path, busy_limit=1.0) as sides:
+            p, s = sides["primary"], sides["secondary"]
+            s.fake.oob = True
+            await start_both(sides)
+            s.fake.hang.add("query-status")
+            await asyncio.wait_for(asyncio.gather(p.task, s.task), 20)
+            assert (verdict(p).outcome, verdict(s).outcome) == ("live", "fenced")
+            assert s.fenced and not p.fenced
+
+    asyncio.run(main())
