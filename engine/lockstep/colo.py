@@ -70,6 +70,7 @@ class Host:
     prefix: tuple[str, ...] = ()  # e.g. nsenter into a lab host; empty on a real host
     bridge: str = "vmbr0"  # the VM network
     accel: str = "tcg"
+    diagnostic_monitor: bool = False  # a third QMP monitor, <name>.<role>.diag.qmp, for tools and tests
 
     async def run(self, *cmd: str) -> None:
         """A short command (ip, qemu-img) on this host, off the event loop."""
@@ -188,6 +189,12 @@ def _common_argv(guest: Guest, host: Host, role: str, tap: str) -> list[str]:
         f"unix:{host.run_dir / f'{guest.name}.{role}.qmp'},server=on,wait=off",
         "-qmp",  # a second monitor for the engine's watcher (watch.py)
         f"unix:{host.run_dir / f'{guest.name}.{role}.engine.qmp'},server=on,wait=off",
+        # QEMU serves one client per monitor: tools beside the engine need one of their own
+        *(
+            ["-qmp", f"unix:{host.run_dir / f'{guest.name}.{role}.diag.qmp'},server=on,wait=off"]
+            if host.diagnostic_monitor
+            else []
+        ),
         "-netdev",
         f"tap,id=hn0,ifname={tap},script=no,downscript=no,vhost=off",
         "-device",

@@ -40,6 +40,7 @@ class Config:
     caps: Caps = field(default_factory=Caps)
     webhook: str | None = None
     reprotect_retry_s: float = 5.0
+    diagnostic_monitor: bool = False  # each QEMU gets a third QMP socket for tools (colo.Host)
     lost_after_s: float = 30.0  # no host of a pair not running answered this long: recorded lost
     # the id in the datastore's .ft-lockstep-datastore (ft_storage's datastore_id): with it, a
     # different filesystem mounted at the path is refused too, not only a missing one

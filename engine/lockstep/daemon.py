@@ -47,7 +47,8 @@ class Daemon:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.host = colo.Host(name=cfg.host, ft_ip=cfg.ft_ip, run_dir=cfg.run_dir, qemu=cfg.qemu,
-                              bridge=cfg.bridge, accel=accel.choose(cfg.accel).accel)  # fmt: skip
+                              bridge=cfg.bridge, accel=accel.choose(cfg.accel).accel,
+                              diagnostic_monitor=cfg.diagnostic_monitor)  # fmt: skip
         self.store = RecordStore(cfg.datastore, cfg.datastore_id)
         self.events = EventLog(cfg.host, cfg.run_dir / "events.log", cfg.webhook)
         self.local = LocalProcesses(cfg.run_dir / "lockstepd.json")

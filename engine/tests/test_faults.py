@@ -7,6 +7,7 @@ The repetitions (with counts of outcomes) are bench/faults; here a few runs per 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -21,6 +22,7 @@ from ftlab import topology as t
 from ftlab.colopair import set_links
 from ftlab.guest import StreamFollower
 from ftlab.proc import LabError, wait_for
+from lockstep import qmp
 
 pytestmark = [pytest.mark.lab, pytest.mark.vm, pytest.mark.slow]
 MiB = 1 << 20
@@ -28,10 +30,13 @@ LOST_AFTER_S = 8.0  # short, so a pair with no copy left is recorded lost within
 HOSTS = ("lab-h1", "lab-h2", "lab-h3")
 
 
+SETTINGS = {"lost_after_s": LOST_AFTER_S, "diagnostic_monitor": True}
+
+
 @pytest.fixture(scope="module")
 def cluster(lab):
     for i in (1, 2, 3):
-        engine.start(i, lost_after_s=LOST_AFTER_S)
+        engine.start(i, **SETTINGS)
     yield
 
 
@@ -87,7 +92,7 @@ def daemon_stopped(index: int):
 
 def host_back(index: int, links: list[str]) -> None:
     set_links(links, up=True)
-    engine.start(index, lost_after_s=LOST_AFTER_S)
+    engine.start(index, **SETTINGS)
 
 
 # --- planned stops while the secondary's daemon is down (review F1 / R1) ----------------------
@@ -244,7 +249,7 @@ def test_lockstepd_killed_during_the_copy_and_restarted_protects_the_vm_again(cl
         engine.kill_daemon(1)
         answer["thread"].join(60)
         client.wait_for_bytes(client.bytes + MiB // 4, 60)  # the VM runs without its daemon
-        engine.start(1, lost_after_s=LOST_AFTER_S)
+        engine.start(1, **SETTINGS)
         view = engine.await_pair(name, lambda v: v["state"] == "running", 120)
         assert view["primary"] == "lab-h1"
         assert any(e.get("vm") == name and e.get("reason") == "engine_restarted" for e in events(1))
@@ -264,12 +269,60 @@ def test_a_failover_while_the_new_primarys_daemon_is_dead_is_recorded_when_it_re
         engine.kill_daemon(secondary)
         engine.ok(1, "POST", f"/vms/{name}/test-failover", {})  # the watchers act without it
         client.wait_for_bytes(client.bytes + MiB // 2, 60)
-        engine.start(secondary, lost_after_s=LOST_AFTER_S)
+        engine.start(secondary, **SETTINGS)
         view = engine.await_pair(
             name, lambda v: v["state"] == "running" and v["primary"] == HOSTS[secondary - 1]
         )
         audit.clean(name)
         client.wait_for_bytes(client.bytes + MiB // 2, 60)
+        result = client.stop()
+        assert result["ok"], result
+    finally:
+        power_off(name)
+
+
+# --- a QEMU hung in the middle of a checkpoint ------------------------------------------------
+
+
+def qemu_pid(index: int, name: str, slot: str) -> int:
+    (pid,) = engine.processes(index, f"-name {name} ({slot})")
+    return pid
+
+
+def stop_at_checkpoint(primary: int, name: str, victim: tuple[int, str]) -> None:
+    """SIGSTOP a QEMU of the pair the moment the primary stops its guest for a checkpoint (QMP
+    STOP on the primary's diagnostic monitor): its RAM is on the wire then."""
+    pid = qemu_pid(victim[0], name, victim[1])
+
+    async def watch() -> None:
+        client = await qmp.connect(str(t.host(primary).dir / f"{name}.primary.diag.qmp"), 10)
+        stops = qmp.BoundedListener(("STOP",))
+        client.register_listener(stops)
+        await asyncio.wait_for(stops.get(), 30)
+        os.kill(pid, signal.SIGSTOP)
+        await client.disconnect()
+
+    asyncio.run(watch())
+
+
+@pytest.mark.parametrize("victim", ["primary", "secondary"])
+def test_a_qemu_hung_during_a_checkpoint_leaves_exactly_one_copy_serving_byte_exact(cluster, victim):
+    """Before: the primary SIGSTOPped while a checkpoint's RAM was on the wire left no QEMU of
+    the pair alive in 10 of 17 runs: the secondary, blocked loading the checkpoint under QEMU's
+    big lock, looked hung to its own watcher, which fenced it."""
+    name, k = f"fthang-{victim}", 19 + (victim == "secondary")
+    client, view = protected(name, k)
+    secondary = engine.index(view["secondary_host"])
+    try:
+        hung = (1, "primary") if victim == "primary" else (secondary, "secondary")
+        stop_at_checkpoint(1, name, hung)
+        survivor = secondary if victim == "primary" else 1
+        view = engine.await_pair(
+            name, lambda v: v["primary"] == HOSTS[survivor - 1] and v["generation"] > 1, 60
+        )
+        client.wait_for_bytes(client.bytes + MiB // 2, 60)  # one copy serves, on the same connection
+        view = engine.await_pair(name, lambda v: v["state"] == "running", 120)  # and FT is back
+        audit.clean(name)
         result = client.stop()
         assert result["ok"], result
     finally:

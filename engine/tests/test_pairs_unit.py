@@ -4,9 +4,9 @@ every way a watcher can end, against every record state.
 What is real: the driver, the record store on a directory standing for the datastore (with its
 id file), the split-brain token (arbiter), the state file, events, and the processes - each
 "QEMU" and "watcher" is a real process (`sleep`), so killed means killed. What is fake, at the
-process boundaries only: QEMU's QMP (FakeQmp: a Unix-socket server speaking the QMP protocol,
-answering like a healthy QEMU and recording what it was asked) and the other hosts' daemons
-(FakePeers: answers or refusals, as a test sets them)."""
+process boundaries only: QEMU's QMP (Qemu, on test_qmp_unit's FakeQemu: a Unix-socket server
+speaking the QMP protocol, answering like a healthy QEMU and recording what it was asked) and
+the other hosts' daemons (FakePeers: answers or refusals, as a test sets them)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from test_qmp_unit import FakeQemu
 
 from lockstep import api, arbiter, colo, config, failover, qmp, records
 from lockstep.events import EventLog
@@ -29,51 +30,35 @@ from lockstep.store import ID_FILE, RecordStore, StoreUnavailable
 GUEST = {"name": "vm", "mac": "52:54:00:00:00:01", "memory_mib": 256, "vcpus": 1}
 
 
-class FakeQmp:
-    """A stand-in for a QEMU's QMP monitor (a real QMP server socket): greeting, capabilities,
-    and answers of a healthy running QEMU; every command is recorded."""
+class Qemu(FakeQemu):
+    """FakeQemu (test_qmp_unit: the QMP protocol on a Unix socket) whose COLO mode and run
+    state follow what it is told, like a healthy QEMU's."""
 
-    def __init__(self, path: Path, colo_mode: str = "primary") -> None:
-        self.path, self.colo_mode = path, colo_mode
-        self.commands: list[str] = []
-        self.status = "running"
+    def __init__(self, path: Path, colo_mode: str) -> None:
+        super().__init__(path)
+        self.set(colo=colo_mode, status="running")
+        self.on_command = self.follow
 
-    def answer(self, cmd: str, args: dict):
-        self.commands.append(cmd)
+    def set(self, colo: str | None = None, status: str | None = None) -> None:
+        if colo is not None:
+            self.answers["query-colo-status"] = {"mode": colo, "last-mode": "none", "reason": "none"}
+            self.answers["query-migrate"] = {"status": "colo" if colo != "none" else "none"}
+        if status is not None:
+            self.answers["query-status"] = {"running": status == "running", "status": status}
+
+    @property
+    def status(self) -> str:
+        return self.answers["query-status"]["status"]
+
+    @property
+    def names(self) -> list[str]:
+        return [cmd for cmd, _ in self.commands]
+
+    def follow(self, cmd: str) -> None:
         if cmd == "x-colo-lost-heartbeat":
-            self.colo_mode = "none"
-        if cmd == "cont":
-            self.status = "running"
-        return {
-            "query-status": {"running": self.status == "running", "status": self.status},
-            "query-colo-status": {"mode": self.colo_mode, "last-mode": "none", "reason": "none"},
-            "query-migrate": {"status": "colo" if self.colo_mode != "none" else "none"},
-            "query-block-jobs": [], "query-yank": [], "query-block-exports": [],
-            "query-named-block-nodes": [], "qom-list": [], "human-monitor-command": "",
-            "x-query-virtio": [],
-        }.get(cmd, {})  # fmt: skip
-
-    async def serve(self) -> asyncio.AbstractServer:
-        async def client(reader, writer):
-            greeting = {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": ""},
-                                "capabilities": []}}  # fmt: skip
-            writer.write(json.dumps(greeting).encode() + b"\n")
-            decoder, buffer = json.JSONDecoder(), ""
-            while chunk := await reader.read(65536):  # QMP is a stream of JSON values, no framing
-                buffer += chunk.decode()
-                while buffer.strip():
-                    try:
-                        msg, end = decoder.raw_decode(buffer.lstrip())
-                    except ValueError:
-                        break
-                    buffer = buffer.lstrip()[end:]
-                    reply = {"return": self.answer(msg["execute"], msg.get("arguments", {}))}
-                    if "id" in msg:
-                        reply["id"] = msg["id"]
-                    writer.write(json.dumps(reply).encode() + b"\n")
-                await writer.drain()
-
-        return await asyncio.start_unix_server(client, str(self.path))
+            self.set(colo="none")
+        elif cmd == "cont":
+            self.set(status="running")
 
 
 class FakePeers:
@@ -114,7 +99,7 @@ class Rig:
         self.peers = FakePeers()
         self.local = LocalProcesses(self.run_dir / "lockstepd.json")
         self.events_path = self.run_dir / "events.log"
-        self.qmp: FakeQmp | None = None
+        self.qmp: Qemu | None = None
         self.procs: list[Proc] = []
 
     async def driver(self) -> PairDriver:
@@ -148,10 +133,10 @@ class Rig:
         False or a journal is given: then it has ended and left that journal)."""
         qemu = sleeper()
         self.procs.append(qemu)
-        self.qmp = FakeQmp(
+        self.qmp = Qemu(
             self.run_dir / f"{role}.qmp", colo_mode or ("primary" if role == "primary" else "secondary")
         )
-        self.server = await self.qmp.serve()
+        await self.qmp.__aenter__()
         vm = colo.Vm(
             colo.Guest(**GUEST), colo.Host(name=self.me, ft_ip="127.0.0.1", run_dir=self.run_dir), role
         )
@@ -228,7 +213,7 @@ def test_a_planned_stop_takes_the_token_first_so_a_late_secondary_watcher_loses(
         else:
             assert entry.qemu.alive() and after.secondary is None
             assert after.state == {"disable": FtState.DISABLED, "absent": FtState.NOT_CONFIGURED}[op]
-            assert "x-colo-lost-heartbeat" in rig.qmp.commands  # the primary left COLO, alone
+            assert "x-colo-lost-heartbeat" in rig.qmp.names  # the primary left COLO, alone
 
     run(scenario())
 
@@ -287,7 +272,7 @@ def test_a_secondary_that_won_and_died_going_live_is_finished_not_killed(rig):
         entry = await rig.running_side(driver, "secondary", journal=won)
         await driver.submit("watcher_ended")
         assert entry.qemu.alive()
-        assert "x-colo-lost-heartbeat" in rig.qmp.commands  # the daemon finished the takeover
+        assert "x-colo-lost-heartbeat" in rig.qmp.names  # the daemon finished the takeover
         record = records.load(rig.datastore, "vm")
         assert (record.primary.host, record.secondary, record.state) == ("h1", None, FtState.NEED_SECONDARY)
         assert rig.local.get("vm").role == "primary" and rig.local.get("vm").watcher is None
@@ -403,7 +388,7 @@ def test_a_protect_that_fails_leaves_the_vm_running_alone_and_retries_later(rig)
         rig.record(FtState.NOT_CONFIGURED, secondary=None)
         driver = await rig.driver()
         entry = await rig.running_side(driver, "primary", watcher=False, colo_mode="none")
-        rig.qmp.status = "paused"  # as the disk copy leaves it before migrating
+        rig.qmp.set(status="paused")  # as the disk copy leaves it before migrating
         rig.peers.down.update({"h2", "h3"})
         answer = await driver.submit("enable", body={})
         await answer["wait"]
