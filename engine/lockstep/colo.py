@@ -116,6 +116,23 @@ class Ports:
     def heartbeat(self) -> int:  # UDP, each side's watcher (watch.py)
         return self.base + 10
 
+    @classmethod
+    def of_heartbeat(cls, port: int) -> Ports:
+        return cls(port - 10)
+
+
+async def abort_connections(host: Host, peer_ip: str, ports: Ports) -> None:
+    """Abort this pair's TCP connections to a peer that is gone (the kernel's socket destroy,
+    `ss -K`, scoped to the pair's ports so other pairs with that peer are untouched). QEMU
+    connects and drains in its main loop under its big lock: a connect to a dead host waits for
+    the SYN retries (minutes), a drain for in-flight NBD writes until TCP gives up (longer), and
+    the guest stalls with it. Aborted, each fails at once. yank cannot do this: it does not reach
+    a connect in progress, and it needs node names QEMU picks."""
+    filt = (f"( dport = :{ports.nbd} or dport = :{ports.migrate} or sport = :{ports.mirror} "
+            f"or sport = :{ports.compare} )")  # fmt: skip
+    with contextlib.suppress(DataPlaneError):
+        await host.run("ss", "-K", "-t", "dst", peer_ip, filt)
+
 
 async def check_hosts(*hosts: Host) -> None:
     """The capability probe on each host of a pair, before anything is started on either: both

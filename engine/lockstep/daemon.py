@@ -91,9 +91,16 @@ class Daemon:
         """Take back the QEMUs and watchers a previous run of the daemon left running. A QEMU
         whose QMP does not answer now is kept and named: it is still a copy of the VM."""
         for name, entry in self.local.saved().items():
-            if not entry.qemu.alive():
+            if not entry.qemu.alive():  # it died while the daemon was away: nothing of it stays
                 if entry.watcher is not None and entry.watcher.alive():
                     await entry.watcher.kill()
+                with contextlib.suppress(colo.DataPlaneError):
+                    await self.host.run(
+                        "ip", "link", "del", colo.tap_name(colo.Guest(name=name, mac=""), entry.slot)
+                    )
+                self.events.emit(
+                    "dropped", vm=name, role=entry.role, pid=entry.qemu.pid, why="exited meanwhile"
+                )
                 continue
             self.local.entries[name] = entry
             driver = self.driver(name)

@@ -87,13 +87,16 @@ class Journal:
         return Reason.LOST_CONNECTION
 
 
-def outcome(journal: Journal, role: str, holder: str | None, me: str) -> Outcome:
+def outcome(journal: Journal, role: str, holder: str | None, me: str, qemu_alive: bool) -> Outcome:
     """What this host's side of a pair is, now that its watcher has ended; holder is the
     generation's token as read after that (None: nobody claimed it)."""
-    if journal.verdict is not None and journal.verdict.get("outcome") == "live":
+    verdict = (journal.verdict or {}).get("outcome")
+    if verdict == "live" or journal.won:
+        return Outcome.LIVE  # it won (and perhaps died going live): finish the job, never kill the winner
+    if verdict == "fenced" or not qemu_alive:
+        return Outcome.FENCED  # its QEMU is gone: the token is the other side's to take
+    if holder_host(holder) == me:
         return Outcome.LIVE
-    if journal.won or holder_host(holder) == me:
-        return Outcome.LIVE  # it won, then died going live: finish the job, never kill the winner
     if holder is not None or role == "secondary":
         return Outcome.FENCED  # a secondary never claims for itself outside its watcher
     return Outcome.CLAIM

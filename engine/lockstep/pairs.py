@@ -211,8 +211,13 @@ class PairDriver:
             gen = {"generation": record.generation}
             sent_before = ft_tx_bytes(self.c.ft_iface)
             await self.c.peers.call(chosen, "POST", f"/peer/secondary/{self.name}", gen)
-            await colo.start_replication(self.vm, self.c.cfg.hosts[chosen], colo.Ports(record.ports_base),
-                                         record.checkpoint_ms, colo.Mode(record.mode))  # fmt: skip
+            ports = colo.Ports(record.ports_base)
+            watchdog = asyncio.create_task(self.abort_if_gone(chosen, ports))
+            try:
+                await colo.start_replication(self.vm, self.c.cfg.hosts[chosen], ports, record.checkpoint_ms,
+                                             colo.Mode(record.mode))  # fmt: skip
+            finally:
+                watchdog.cancel()
             copied = ft_tx_bytes(self.c.ft_iface) - sent_before  # QEMU reports no RAM stats in COLO
             await self.start_watcher(record, "primary", chosen)
             await self.c.peers.call(chosen, "POST", f"/peer/watch/{self.name}", gen)
@@ -235,6 +240,10 @@ class PairDriver:
         self.c.events.emit("protect_failed", vm=self.name, secondary=chosen, detail=detail)
         try:
             peer_lost = chosen is not None and not await self.answers(chosen)
+            if peer_lost:  # before any QMP: QEMU may be blocked on a connection to it
+                await colo.abort_connections(
+                    self.c.host, self.c.cfg.hosts[chosen], colo.Ports(record.ports_base)
+                )
             await self.unprotect(record, peer_lost=peer_lost)
         except Exception as e:  # the VM runs alone either way; the next attempt cleans up again
             self.c.events.emit("cleanup_failed", vm=self.name, detail=f"{type(e).__name__}: {e}")
@@ -246,6 +255,17 @@ class PairDriver:
         self.retry_at = time.monotonic() + min(self.c.cfg.reprotect_retry_s * 2 ** (self.failures - 1), 300)
         self.transition(fresh, Action.START_FAILED, reason, detail=detail)
         await self.c.store.save(fresh)
+
+    async def abort_if_gone(self, host: str, ports: colo.Ports) -> None:
+        """While the copy runs: a secondary's host that stops answering has its connections
+        aborted at once, so a QEMU blocked on one (a connect, a drain) frees itself and the copy
+        fails now rather than when TCP gives up."""
+        misses = 0
+        while misses < 2:
+            await asyncio.sleep(0.5)
+            misses = 0 if await self.answers(host) else misses + 1
+        self.c.events.emit("secondary_gone", vm=self.name, secondary=host, detail="aborting the copy")
+        await colo.abort_connections(self.c.host, self.c.cfg.hosts[host], ports)
 
     async def answers(self, host: str) -> bool:
         try:
@@ -536,10 +556,11 @@ class PairDriver:
                 return
             journal = failover.Journal.parse(await asyncio.to_thread(read_text, entry.journal))
             holder = None if journal.won else await self.holder(entry.generation)
-            outcome = failover.outcome(journal, entry.role, holder, self.c.me)
+            alive = entry.qemu.alive()
+            outcome = failover.outcome(journal, entry.role, holder, self.c.me, alive)
             if outcome is Outcome.CLAIM:
                 verdict = await self.claim(entry.generation, entry.role)
-                outcome = failover.outcome(journal, entry.role, verdict.holder, self.c.me)
+                outcome = failover.outcome(journal, entry.role, verdict.holder, self.c.me, alive)
             self.c.events.emit("verdict", vm=self.name, role=entry.role, generation=entry.generation,
                                outcome=str(outcome), verdict=journal.verdict, holder=holder)  # fmt: skip
             if outcome is Outcome.FENCED:

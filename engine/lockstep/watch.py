@@ -330,6 +330,10 @@ class Watcher:
 
     async def go_live(self) -> Verdict:
         takeover = colo.secondary_takeover if self.cfg.role == "secondary" else colo.primary_continue_alone
+        if self.cfg.role == "primary":  # the lost secondary's host may be dead: nothing may wait on it
+            await colo.abort_connections(
+                self.vm.host, self.cfg.peer[0], colo.Ports.of_heartbeat(self.cfg.listen[1])
+            )
         try:
             await takeover(BestEffort(self.vm, self), self.cfg.mode)
         except Exception as e:  # not a step's failure (those are caught): the rest cannot run

@@ -267,9 +267,11 @@ def test_a_failover_while_the_new_primarys_daemon_is_dead_is_recorded_when_it_re
     secondary = engine.index(view["secondary_host"])
     try:
         engine.kill_daemon(secondary)
-        engine.ok(1, "POST", f"/vms/{name}/test-failover", {})  # the watchers act without it
-        client.wait_for_bytes(client.bytes + MiB // 2, 60)
-        engine.start(secondary, **SETTINGS)
+        try:
+            engine.ok(1, "POST", f"/vms/{name}/test-failover", {})  # the watchers act without it
+            client.wait_for_bytes(client.bytes + MiB // 2, 60)
+        finally:
+            engine.start(secondary, **SETTINGS)
         view = engine.await_pair(
             name, lambda v: v["state"] == "running" and v["primary"] == HOSTS[secondary - 1]
         )

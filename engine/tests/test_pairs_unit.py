@@ -305,6 +305,26 @@ def test_a_watcher_that_died_without_a_verdict_is_resolved_by_the_token(rig, hol
     run(scenario())
 
 
+def test_a_primary_fenced_by_its_watcher_is_never_claimed_for_by_its_daemon(rig):
+    """Found on the lab (test-failover with the secondary's daemon down): the primary's watcher
+    fenced its dead QEMU without claiming; its daemon then claimed the token for that dead copy,
+    won, and the secondary's watcher lost: no copy left."""
+
+    async def scenario():
+        rig.record(FtState.RUNNING)
+        driver = await rig.driver()
+        fenced = journal({"event": "fenced", "detail": "own QEMU did not answer"},
+                         verdict={"outcome": "fenced", "reason": "partial_hardware_failure"})  # fmt: skip
+        entry = await rig.running_side(driver, "primary", journal=fenced)
+        await entry.qemu.kill()
+        await driver.submit("watcher_ended")
+        assert rig.holder() is None  # left for the secondary's watcher
+        assert arbiter.claim(rig.datastore, "vm", 3, "h2/secondary").won
+        assert rig.local.get("vm") is None and records.load(rig.datastore, "vm").primary.host == "h1"
+
+    run(scenario())
+
+
 @pytest.mark.parametrize("state", list(FtState))
 def test_a_live_secondarys_verdict_fits_every_record_state_and_never_crashes(rig, state):
     """Before, a verdict that did not fit the record's state (e.g. starting: the primary lost
