@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import records
-from .arbiter import ID_FILE
+from .arbiter import check_datastore
 from .records import Record
 
 
@@ -21,18 +21,10 @@ class StoreUnavailable(Exception):
     """The datastore did not answer in time, failed, or is not the shared one."""
 
 
-def identity(datastore: Path, expected: str | None) -> str:
-    """The datastore's id, checked; StoreUnavailable when it is not the shared datastore."""
-    path = Path(datastore) / ID_FILE
-    try:
-        found = path.read_text().strip()
-    except FileNotFoundError:
-        raise StoreUnavailable(f"{path} is missing: the datastore is not mounted here") from None
-    if not found:
-        raise StoreUnavailable(f"{path} is empty")
-    if expected and found != expected:
-        raise StoreUnavailable(f"{path} says {found}, not {expected}: another filesystem is mounted there")
-    return found
+def identity(datastore: Path, expected: str | None) -> None:
+    """StoreUnavailable unless this is the shared datastore (arbiter.check_datastore: one rule)."""
+    if problem := check_datastore(datastore, expected):
+        raise StoreUnavailable(problem)
 
 
 class RecordStore:
@@ -54,9 +46,6 @@ class RecordStore:
             raise StoreUnavailable(f"the datastore did not answer within {self.timeout:.0f} s") from None
         except OSError as e:
             raise StoreUnavailable(f"the datastore failed: {e}") from None
-
-    async def identity(self) -> str:
-        return await self._run(lambda _ds: identity(self.datastore, self.expected_id))
 
     async def load(self, name: str) -> Record | None:
         return await self._run(records.load, name)

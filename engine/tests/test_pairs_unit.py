@@ -20,12 +20,13 @@ import pytest
 from test_qmp_unit import FakeQemu
 
 from lockstep import api, arbiter, colo, config, failover, qmp, records
+from lockstep.arbiter import ID_FILE
 from lockstep.events import EventLog
 from lockstep.local import Local, LocalProcesses, Proc
 from lockstep.pairs import Cluster, PairDriver, reserve_ports
 from lockstep.records import Record, Side
 from lockstep.state import FtState, Reason
-from lockstep.store import ID_FILE, RecordStore, StoreUnavailable
+from lockstep.store import RecordStore, StoreUnavailable
 
 GUEST = {"name": "vm", "mac": "52:54:00:00:00:01", "memory_mib": 256, "vcpus": 1}
 
@@ -254,7 +255,7 @@ def test_a_datastore_that_does_not_answer_stops_nothing(rig):
         (rig.datastore / ID_FILE).unlink()  # the mount went: an empty directory at the path
         with pytest.raises(api.ApiError) as refused:
             await driver.submit("disable", body={})
-        assert refused.value.status == 503 and "not mounted" in refused.value.message
+        assert refused.value.status == 503 and "not the shared datastore" in refused.value.message
         assert entry.qemu.alive() and entry.watcher.alive() and rig.peers.calls == []
         assert not (rig.datastore / ".ft" / "vm").exists()  # no token on the wrong filesystem
 
@@ -517,10 +518,10 @@ def test_two_hosts_starting_vms_at_once_get_different_ports(tmp_path):
 def test_the_store_refuses_a_datastore_that_is_not_the_shared_one(tmp_path):
     async def scenario():
         store = RecordStore(tmp_path, expected_id="the-one")
-        with pytest.raises(StoreUnavailable, match="missing: the datastore is not mounted here"):
+        with pytest.raises(StoreUnavailable, match=r"not the shared datastore: .*No such file"):
             await store.load_all()
         (tmp_path / ID_FILE).write_text("another\n")
-        with pytest.raises(StoreUnavailable, match="another filesystem is mounted there"):
+        with pytest.raises(StoreUnavailable, match="holds 'another', expected 'the-one'"):
             await store.load_all()
         (tmp_path / ID_FILE).write_text("the-one\n")
         assert await store.load_all() == {}
