@@ -71,6 +71,7 @@ class PairDriver:
         self.failures = 0  # protects failed in a row (the retry backs off)
         self.resolving = False  # a watcher's end is queued or being handled
         self.cleanup: asyncio.Task | None = None  # stopping a lost side's leftovers
+        self.queued: set[str] = set()  # periodic commands waiting in the mailbox
         self.task = asyncio.create_task(self.run(), name=f"pair {name}")
 
     # --- the mailbox ----------------------------------------------------------------------
@@ -86,9 +87,18 @@ class PairDriver:
         future.add_done_callback(lambda f: f.exception())  # consumed: errors are events already
         self.inbox.put_nowait((op, args, future))
 
+    def post_once(self, op: str, **args) -> None:
+        """A periodic command, queued only if the last one was handled: a driver slowed by a
+        hung datastore must not pile up a tick a second."""
+        if op in self.queued:
+            return
+        self.queued.add(op)
+        self.post(op, **args)
+
     async def run(self) -> None:
         while True:
             op, args, future = await self.inbox.get()
+            self.queued.discard(op)
             try:
                 result = await getattr(self, f"on_{op}")(**args)
             except (api.ApiError, StoreUnavailable, Stale) as e:

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from ftlab import audit, engine
+from ftlab import audit, engine, faults
 from ftlab import topology as t
 from ftlab.colopair import set_links
 from ftlab.guest import StreamFollower
@@ -324,6 +324,60 @@ def test_a_qemu_hung_during_a_checkpoint_leaves_exactly_one_copy_serving_byte_ex
         )
         client.wait_for_bytes(client.bytes + MiB // 2, 60)  # one copy serves, on the same connection
         view = engine.await_pair(name, lambda v: v["state"] == "running", 120)  # and FT is back
+        audit.clean(name)
+        result = client.stop()
+        assert result["ok"], result
+    finally:
+        power_off(name)
+
+
+# --- the datastore unreachable from one side (R7, R14, F6) ----------------------------------
+
+
+def journal_says(index: int, name: str, slot: str, generation: int, text: str) -> bool:
+    path = t.host(index).dir / f"{name}.{slot}.gen{generation}.watch.log"
+    return path.exists() and text in path.read_text()
+
+
+def test_a_primary_whose_datastore_hangs_when_its_secondary_dies_waits_for_it_then_runs_on(cluster):
+    """Before: a claim that took longer than 5 s fenced the side that was about to win."""
+    name, k = "ftnfs-hang", 21
+    client, view = protected(name, k)
+    secondary, generation = engine.index(view["secondary_host"]), view["generation"]
+    try:
+        with faults.datastore(1, "hang"):
+            os.kill(qemu_pid(secondary, name, "secondary"), signal.SIGKILL)
+            wait_for(
+                "the claim pending", lambda: journal_says(1, name, "primary", generation, "claim-pending"), 60
+            )
+            assert audit.talking(name) == [1] and qemu_pid(1, name, "primary")  # kept, not fenced
+        view = engine.await_pair(
+            name, lambda v: v["state"] == "running" and v["generation"] > generation, 120
+        )
+        assert view["primary"] == "lab-h1"
+        client.wait_for_bytes(client.bytes + MiB // 2, 90)
+        audit.clean(name)
+        result = client.stop()
+        assert result["ok"], result
+    finally:
+        power_off(name)
+
+
+def test_a_secondary_without_its_datastore_never_goes_live_and_takes_over_once_it_is_back(cluster):
+    """Before: the claim created a token on the host's own disk (mkdir -p) and won it there."""
+    name, k = "ftnfs-gone", 22
+    client, view = protected(name, k)
+    secondary, generation = engine.index(view["secondary_host"]), view["generation"]
+    try:
+        with faults.datastore(secondary, "unmounted"):
+            engine.ok(1, "POST", f"/vms/{name}/test-failover", {})
+            wait_for("the refused claim", lambda: journal_says(secondary, name, "secondary", generation,
+                                                               "not the shared datastore"), 60)  # fmt: skip
+            assert audit.talking(name) == []  # nobody went live on a private datastore
+        view = engine.await_pair(
+            name, lambda v: v["primary"] == HOSTS[secondary - 1] and v["state"] == "running"
+        )
+        client.wait_for_bytes(client.bytes + MiB // 2, 120)
         audit.clean(name)
         result = client.stop()
         assert result["ok"], result
