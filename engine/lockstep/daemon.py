@@ -85,7 +85,7 @@ class Daemon:
             self.supervise()
             ticks += 1
             if ticks % 5 == 0 and (second is None or second.done()):  # a hung datastore slows only it
-                second = asyncio.create_task(self.every_second())
+                second = asyncio.create_task(self.guarded(self.every_second()))
 
     async def adopt(self) -> None:
         """Take back the QEMUs and watchers a previous run of the daemon left running. A QEMU
@@ -129,6 +129,13 @@ class Daemon:
             if entry.watcher is not None and not driver.resolving and not entry.watcher.alive():
                 driver.resolving = True
                 driver.post("watcher_ended")
+
+    async def guarded(self, work) -> None:
+        """A bug in periodic work is an event; the daemon goes on (it used to end it)."""
+        try:
+            await work
+        except Exception as e:
+            self.events.emit("daemon_error", detail=f"{type(e).__name__}: {e}")
 
     async def every_second(self) -> None:
         try:
