@@ -27,7 +27,7 @@ from dataclasses import asdict
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
-from . import accel, api, colo, probe
+from . import accel, api, colo, probe, records
 from .config import Config
 from .events import EventLog
 from .local import LocalProcesses
@@ -38,7 +38,6 @@ from .state import FtState
 from .stats import free_mib, ft_tx_bytes
 from .store import RecordStore, StoreUnavailable
 
-NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
 MAC = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 GUEST_FIELDS = ("name", "memory_mib", "vcpus", "mac", "kernel", "initrd", "cmdline", "disk_mib")
 
@@ -341,7 +340,7 @@ class Daemon:
 def guest_from(body: dict) -> colo.Guest:
     problems = []
     name = body.get("name")
-    if not isinstance(name, str) or not NAME.match(name):
+    if not isinstance(name, str) or not records.NAME.match(name):
         problems.append("name must be 1-31 lower-case letters, digits or dashes")
     for key, low, high in (("memory_mib", 64, 1 << 20), ("vcpus", 1, 64)):
         value = body.get(key, 256 if key == "memory_mib" else 1)

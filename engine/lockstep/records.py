@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import socket
 from dataclasses import asdict, dataclass, field
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from .state import FtState, Reason
 
+NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")  # a VM's name: it names files, sockets and taps
 MAX_EVENTS = 50  # the record keeps the latest events; the full history is in each host's log
 KEEP_VERSIONS = 4  # older version files are pruned
 
@@ -56,7 +58,12 @@ class Record:
 
     @classmethod
     def from_dict(cls, d: dict) -> Record:
+        """A record as stored; ValueError for one whose names could reach outside the engine's
+        own files (anyone who can write the export can write a record: review R22)."""
         d = dict(d)
+        name = d.get("name")
+        if not isinstance(name, str) or not NAME.match(name) or d.get("guest", {}).get("name", name) != name:
+            raise ValueError(f"a record named {name!r} is not a valid VM name")
         d["primary"] = Side(**d["primary"])
         d["secondary"] = Side(**d["secondary"]) if d.get("secondary") else None
         d["state"], d["reason"] = FtState(d["state"]), Reason(d["reason"])

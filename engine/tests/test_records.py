@@ -96,3 +96,15 @@ def test_a_deleted_pairs_name_used_again_continues_its_generations(tmp_path):
     assert again.generation == 6
     with pytest.raises(Stale, match="exists already"):
         records.create(tmp_path, record())
+
+
+def test_a_record_whose_name_could_reach_outside_the_engines_files_is_unreadable(tmp_path):
+    """Review R22: a record with ../ in its name made a secondary create files as root outside
+    run_dir. Anyone who can write the NFS export can write a record."""
+    records.create(tmp_path, record("vm1"))
+    evil = records.directory(tmp_path) / "evil"
+    evil.mkdir()
+    good = (records.directory(tmp_path) / "vm1" / "0000000001.json").read_text()
+    (evil / "0000000001.json").write_text(good.replace('"name": "vm1"', '"name": "../../etc/evil"'))
+    found, unreadable = records.scan(tmp_path)
+    assert list(found) == ["vm1"] and "not a valid VM name" in unreadable["evil"]
