@@ -113,8 +113,9 @@ def server(tmp_path):
     unix = api.serve_unix(path, dispatch)
     peer = api.serve_peer(("127.0.0.1", 0), dispatch, b"s" * 16)
     yield path, peer.server_address, calls
-    unix.shutdown()
-    peer.shutdown()
+    for s in (unix, peer):
+        s.shutdown()
+        s.server_close()
 
 
 def test_the_local_socket_is_root_only_and_answers_json(server):
@@ -131,13 +132,13 @@ def test_peers_must_sign_with_the_secret_recently(server):
     assert calls == [("POST", "/peer/x", {"b": 2}, True)]
     with pytest.raises(api.ApiError, match="not signed with this cluster's secret"):
         api.peer(peer, b"t" * 16, "POST", "/peer/x", {})
-    stamp = repr(time.time() - 100)  # a replayed request, rightly signed but old
-    conn = http.client.HTTPConnection(*peer, timeout=5)
-    conn.request(
-        "POST",
-        "/peer/x",
-        headers={"X-FT-Time": stamp, "X-FT-Auth": api.sign(b"s" * 16, "POST", "/peer/x", stamp, b"")},
+    headers = api.auth_headers(b"s" * 16, "POST", "/peer/x", b"", api.endpoint(peer), "127.0.0.1")
+    stamp = headers["X-FT-Time"] = repr(time.time() - 100)  # rightly signed, but old
+    headers["X-FT-Auth"] = api.sign(
+        b"s" * 16, "POST", "/peer/x", stamp, headers["X-FT-Nonce"], api.endpoint(peer), "127.0.0.1", b""
     )
+    conn = http.client.HTTPConnection(*peer, timeout=5)
+    conn.request("POST", "/peer/x", headers=headers)
     reply = conn.getresponse()
     assert reply.status == 401 and b"off this host's clock" in reply.read()
     assert len(calls) == 1
