@@ -22,6 +22,7 @@ import contextlib
 import json
 import re
 import subprocess
+import sys
 import time
 from dataclasses import asdict
 
@@ -68,13 +69,14 @@ class Daemon:
     async def run(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        lock = api.hold_lock(self.cfg.socket)  # before anything: a second daemon must touch nothing
         write_secret_file(self.cfg)
         caps = await asyncio.to_thread(probe.probe, list(self.cfg.qemu))
         mode = colo.Mode(self.cfg.mode if self.cfg.mode != "auto" else caps.default_mode(self.host.accel))
         self.cluster = Cluster(self.cfg, self.host, mode, caps.build, self.store, self.local, self.peers,
                                self.events, ft_interface(self.cfg.ft_ip))  # fmt: skip
         await self.adopt()
-        self.local_server = api.serve_unix(self.cfg.socket, self.dispatch_threadsafe)
+        self.local_server = api.serve_unix(self.cfg.socket, self.dispatch_threadsafe, lock_fd=lock)
         self.peer_server = api.serve_peer((self.cfg.ft_ip, self.cfg.peer_port), self.dispatch_threadsafe,
                                           self.cfg.secret)  # fmt: skip
         self.events.emit("started", mode=str(mode), build=caps.build, adopted=sorted(self.local.entries))
@@ -373,6 +375,11 @@ def ft_interface(ip: str) -> str | None:
 
 def main(cfg: Config) -> int:
     daemon = Daemon(cfg)
-    with contextlib.suppress(KeyboardInterrupt):
+    try:
         asyncio.run(daemon.run())
+    except KeyboardInterrupt:
+        pass
+    except api.AlreadyRunning as e:
+        print(f"lockstepd: {e}", file=sys.stderr)
+        return 1
     return 0
