@@ -581,22 +581,13 @@ class PairDriver:
             self.resolving = False
 
     async def went_live(self, entry: Local, journal: failover.Journal) -> None:
-        if (journal.verdict or {}).get("outcome") != "live" or journal.verdict.get("failed_steps"):
-            await self.finish_going_live(entry)
         record = await self.c.store.load(self.name)
+        if (journal.verdict or {}).get("outcome") != "live" or journal.verdict.get("failed_steps"):
+            await self.finish_going_live(entry, colo.Mode(record.mode) if record else self.c.mode)
         if record is None or record.generation != entry.generation:
-            self.c.events.emit(
-                "conflict",
-                vm=self.name,
-                generation=entry.generation,
-                detail="this side holds the VM but the record is of another generation",
-            )
-            entry.watcher = None
-            entry.role = "primary"
-            self.c.local.put(entry)
-            return
-        applied = record.primary.host == self.c.me and record.secondary is None
-        if not applied:
+            why = "this side holds the VM but the record is of another generation"
+            self.c.events.emit("conflict", vm=self.name, generation=entry.generation, detail=why)
+        elif not (record.primary.host == self.c.me and record.secondary is None):  # not applied yet
             old = record.state
             action, lost = failover.after_live(record, self.c.me, entry.slot, entry.role)
             try:
@@ -610,11 +601,10 @@ class PairDriver:
         self.c.local.put(entry)
         self.stats, self.retry_at, self.failures = Stats(), 0.0, 0
 
-    async def finish_going_live(self, entry: Local) -> None:
+    async def finish_going_live(self, entry: Local, mode: colo.Mode) -> None:
         """The watcher won but did not finish going live: the daemon does, step by step."""
         if self.vm is None:
             return
-        mode = colo.Mode((await self.c.store.load(self.name) or Record("", {}, Side("", ""))).mode)
         try:
             if entry.role == "secondary":
                 await colo.secondary_takeover(self.vm, mode)
