@@ -59,7 +59,8 @@ def problems(name: str, gone: bool = False) -> list[str]:
     found: list[str] = []
     record = records.load(t.DATASTORE, name)
     running = {i: [p for p in qemus(i, name) if stopped(p) is False] for i in HOSTS}
-    talking = {i: [tap for tap, up in taps(i, name).items() if up] for i in HOSTS}
+    tap_state = {i: taps(i, name) for i in HOSTS}
+    talking = {i: [tap for tap, up in tap_state[i].items() if up] for i in HOSTS}
     live = [i for i in HOSTS if running[i] and talking[i]]
     for i in HOSTS:
         try:
@@ -76,9 +77,7 @@ def problems(name: str, gone: bool = False) -> list[str]:
         if record is not None:
             found.append(f"{name} was powered off but its record remains ({record.state})")
         found += [f"lab-h{i} still runs a QEMU of {name}" for i in HOSTS if qemus(i, name)]
-        found += [
-            f"lab-h{i} still has taps of {name}: {sorted(taps(i, name))}" for i in HOSTS if taps(i, name)
-        ]
+        found += [f"lab-h{i} still has taps of {name}: {sorted(tap_state[i])}" for i in HOSTS if tap_state[i]]
         found += [f"lab-h{i} still runs a watcher of {name}" for i in HOSTS if watchers(i, name)]
         return found
     if record.state == "lost":
@@ -100,8 +99,8 @@ def problems(name: str, gone: bool = False) -> list[str]:
     for i in HOSTS:
         if i not in expected_hosts and qemus(i, name):
             found.append(f"lab-h{i} runs a QEMU of {name} that the record does not know (orphan)")
-        if i not in expected_hosts and taps(i, name):
-            found.append(f"lab-h{i} has a tap of {name} that nothing uses: {sorted(taps(i, name))}")
+        if i not in expected_hosts and tap_state[i]:
+            found.append(f"lab-h{i} has a tap of {name} that nothing uses: {sorted(tap_state[i])}")
         if watchers(i, name) and (record.state not in ("running", "starting") or i not in expected_hosts):
             found.append(f"lab-h{i} runs a watcher of {name} while it is {record.state}")
     token_dir = t.DATASTORE / ".ft" / name
