@@ -169,8 +169,11 @@ class Daemon:
             if driver is None or record.state != FtState.RUNNING:
                 continue
             await self.sample(driver, record)
-        for name in [n for n, d in self.drivers.items() if n not in records and n not in self.local.entries]:
-            self.drivers.pop(name).task.cancel()  # a pair that is gone from here
+        gone = [
+            n for n, d in self.drivers.items() if n not in records and n not in self.local.entries and d.idle
+        ]
+        for name in gone:  # a pair that is gone from here, and a driver with nothing left to do
+            self.drivers.pop(name).task.cancel()
 
     async def sample(self, driver: PairDriver, record) -> None:
         stats = driver.stats

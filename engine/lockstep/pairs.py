@@ -72,6 +72,7 @@ class PairDriver:
         self.resolving = False  # a watcher's end is queued or being handled
         self.cleanup: asyncio.Task | None = None  # stopping a lost side's leftovers
         self.queued: set[str] = set()  # periodic commands waiting in the mailbox
+        self.handling = False  # a command is being handled
         self.task = asyncio.create_task(self.run(), name=f"pair {name}")
 
     # --- the mailbox ----------------------------------------------------------------------
@@ -99,6 +100,7 @@ class PairDriver:
         while True:
             op, args, future = await self.inbox.get()
             self.queued.discard(op)
+            self.handling = True
             try:
                 result = await getattr(self, f"on_{op}")(**args)
             except (api.ApiError, StoreUnavailable, Stale) as e:
@@ -112,6 +114,14 @@ class PairDriver:
                 future.done() or future.set_exception(api.ApiError(500, f"{type(e).__name__}: {e}"))
             else:
                 future.done() or future.set_result(result)
+            finally:
+                self.handling = False
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued, nothing being handled, nothing running beside the mailbox."""
+        busy = (self.protecting, self.cleanup)
+        return self.inbox.empty() and not self.handling and all(t is None or t.done() for t in busy)
 
     # --- records, events -----------------------------------------------------------------
 

@@ -629,3 +629,29 @@ def test_a_host_that_answers_when_asked_keeps_its_pair_however_long_it_seemed_si
         assert records.load(rig.datastore, "vm").state == FtState.NOT_CONFIGURED
 
     run(scenario())
+
+
+def test_a_driver_is_idle_only_with_nothing_queued_handled_or_running(rig):
+    """Found on the lab: the daemon dropped (cancelled) the driver of a VM being started, because
+    its record was not in the datastore scan yet; the start's answer never came."""
+
+    async def scenario():
+        driver = await rig.driver()
+        release = asyncio.Event()
+
+        async def on_slow() -> str:
+            await release.wait()
+            return "done"
+
+        driver.on_slow = on_slow
+        assert driver.idle
+        answer = asyncio.create_task(driver.submit("slow"))
+        await asyncio.sleep(0.05)
+        assert not driver.idle  # being handled: dropping it now would lose the answer
+        driver.post("slow")
+        release.set()
+        assert await answer == "done"
+        await asyncio.sleep(0.05)
+        assert driver.idle
+
+    run(scenario())
