@@ -16,7 +16,7 @@ import yaml
 
 from lockstep import api
 
-from . import ansible, lab
+from . import ansible, lab, proc
 from . import topology as t
 from .colopair import lab_qemu, set_links
 from .proc import LabError, in_node, netns_inode, pids_in_netns, spawn, wait_for
@@ -108,15 +108,21 @@ def processes(index: int, *words: str) -> list[int]:
 
 
 def kill_daemon(index: int) -> None:
-    for pid in processes(index, " daemon --config"):
+    """SIGKILL the host's lockstepd and wait until it is gone (a new one refuses to start while
+    the old one still holds its lock)."""
+    pids = processes(index, " daemon --config")
+    for pid in pids:
         os.kill(pid, signal.SIGKILL)
+    wait_for(f"lockstepd on lab-h{index} to exit", lambda: not any(proc.alive(p) for p in pids), 10, 0.02)
 
 
 def kill_host(index: int) -> list[str]:
     """The host dies as far as FT goes: lockstepd, its QEMUs and watchers SIGKILLed, its FT-logging
     and VM links cut (sshd and libvirtd live on for later tests). Returns the links cut."""
-    for pid in processes(index, " daemon --config", "qemu-system", " watch --pair"):
+    pids = processes(index, " daemon --config", "qemu-system", " watch --pair")
+    for pid in pids:
         os.kill(pid, signal.SIGKILL)
+    wait_for(f"lab-h{index}'s engine to die", lambda: not any(proc.alive(p) for p in pids), 10, 0.02)
     links = [f"ftl-h{index}-ft", f"ftl-h{index}-vm"]
     set_links(links, up=False)
     return links
