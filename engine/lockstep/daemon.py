@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -50,7 +51,10 @@ class Daemon:
                               bridge=cfg.bridge, accel=accel.choose(cfg.accel).accel,
                               diagnostic_monitor=cfg.diagnostic_monitor)  # fmt: skip
         self.store = RecordStore(cfg.datastore, cfg.datastore_id)
-        self.events = EventLog(cfg.host, cfg.run_dir / "events.log", cfg.webhook)
+        # LOCKSTEPD_CRASH_AFTER ("event" or "event:step"): the daemon SIGKILLs itself right after
+        # that event - the fault tests' way to crash it at an exact step (a failpoint, off by default)
+        self.events = EventLog(cfg.host, cfg.run_dir / "events.log", cfg.webhook,
+                               crash_after=os.environ.get("LOCKSTEPD_CRASH_AFTER"))  # fmt: skip
         self.local = LocalProcesses(cfg.run_dir / "lockstepd.json")
         self.peers = Peers(cfg.hosts, cfg.peer_port, cfg.secret)
         self.drivers: dict[str, PairDriver] = {}

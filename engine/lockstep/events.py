@@ -5,7 +5,9 @@ dead webhook costs a counter, not a thread per event)."""
 from __future__ import annotations
 
 import json
+import os
 import queue
+import signal
 import threading
 import time
 import urllib.request
@@ -15,8 +17,11 @@ WEBHOOK_QUEUE = 1000
 
 
 class EventLog:
-    def __init__(self, host: str, path: Path, webhook: str | None = None) -> None:
+    def __init__(
+        self, host: str, path: Path, webhook: str | None = None, crash_after: str | None = None
+    ) -> None:
         self.host, self.path, self.webhook = host, path, webhook
+        self.crash_after = crash_after
         self.webhook_failures = 0
         self.webhook_dropped = 0
         self.pending: queue.Queue[dict] = queue.Queue(WEBHOOK_QUEUE)
@@ -29,6 +34,8 @@ class EventLog:
         print(text, flush=True)
         with open(self.path, "a") as f:
             f.write(text + "\n")
+        if self.crash_after and self.crash_after in (event, f"{event}:{fields.get('step')}"):
+            os.kill(os.getpid(), signal.SIGKILL)  # a fault test's crash point (LOCKSTEPD_CRASH_AFTER)
         if self.webhook:
             try:
                 self.pending.put_nowait(line)

@@ -217,6 +217,11 @@ class PairDriver:
         On any failure or cancellation: everything undone, the VM running alone, need_secondary
         with the reason; retried later with a growing pause."""
         started, chosen = time.monotonic(), None
+
+        def step(name: str) -> None:  # progress of a long step, and where a fault test strikes
+            self.c.events.emit("protecting", vm=self.name, step=name, secondary=chosen,
+                               generation=record.generation)  # fmt: skip
+
         try:
             await colo.primary_continue_alone(self.vm, colo.Mode(record.mode))  # clean start
             if not await self.guest_nic_ready(record):
@@ -228,9 +233,11 @@ class PairDriver:
                 return
             record.secondary = Side(chosen, "secondary")
             await self.c.store.save(record)
+            step("placed")
             gen = {"generation": record.generation}
             sent_before = ft_tx_bytes(self.c.ft_iface)
             await self.c.peers.call(chosen, "POST", f"/peer/secondary/{self.name}", gen)
+            step("copying")
             ports = colo.Ports(record.ports_base)
             watchdog = asyncio.create_task(self.abort_if_gone(chosen, ports))
             try:
@@ -239,8 +246,11 @@ class PairDriver:
             finally:
                 watchdog.cancel()
             copied = ft_tx_bytes(self.c.ft_iface) - sent_before  # QEMU reports no RAM stats in COLO
+            step("replicating")
             await self.start_watcher(record, "primary", chosen)
+            step("watching")
             await self.c.peers.call(chosen, "POST", f"/peer/watch/{self.name}", gen)
+            step("peer_watching")
             await self.await_peer_seen()
         except asyncio.CancelledError:
             await self.fail_protect(record, chosen, Reason.USER_ACTION, "cancelled")

@@ -233,31 +233,100 @@ def test_the_survivor_lost_during_its_reprotection_copy_is_recorded_lost_and_cle
 # --- lockstepd killed mid-protect and mid-failover (R6, R12) ---------------------------------
 
 
-def test_lockstepd_killed_during_the_copy_and_restarted_protects_the_vm_again(cluster):
-    name, k = "ftrestart", 15
-    assert engine.ok(1, "POST", "/vms", engine.guest_body(name, k) | {"disk_mib": 64})["changed"]
-    client = StreamFollower(t.guest_ip(k), timeout=300)
-    client.wait_for_bytes(1, 120)
+# The primary's daemon crashes right after each step of protect (LOCKSTEPD_CRASH_AFTER, a
+# failpoint: deterministic, where a kill timed from outside lands a step late or early).
+PROTECT_STEPS = ("placed", "copying", "replicating", "watching", "peer_watching")
+
+
+def restarted_plain(*indexes: int) -> None:
+    """Each host's lockstepd (crashed, or still armed with a crash point) running without one."""
+    for i in indexes:
+        engine.kill_daemon(i)
+        engine.start(i, **SETTINGS)
+
+
+def crashed(index: int, timeout: float = 120) -> None:
+    wait_for(f"lockstepd on lab-h{index} to crash at its crash point",
+             lambda: not engine.processes(index, " daemon --config"), timeout, 0.05)  # fmt: skip
+
+
+@pytest.mark.parametrize("step", PROTECT_STEPS)
+def test_lockstepd_killed_at_each_protect_step_and_restarted_protects_the_vm_again(cluster, step):
+    """Before issue 12 (killed in the copy): the pair stayed `starting` forever."""
+    name, k = f"ftcrash-{PROTECT_STEPS.index(step)}", 30 + PROTECT_STEPS.index(step)
+    engine.kill_daemon(1)
+    engine.start(1, crash_after=f"protecting:{step}", **SETTINGS)
     try:
+        assert engine.ok(1, "POST", "/vms", engine.guest_body(name, k) | {"disk_mib": 64})["changed"]
+        client = StreamFollower(t.guest_ip(k), timeout=300)
+        client.wait_for_bytes(1, 120)
         answer = enable_in_background(1, name)
-        deadline = time.monotonic() + 60
-        while not any(
-            e.get("vm") == name and e["event"] == "secondary_started" for i in (2, 3) for e in events(i)
-        ):
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        engine.kill_daemon(1)
+        crashed(1)
         answer["thread"].join(60)
         client.wait_for_bytes(client.bytes + MiB // 4, 60)  # the VM runs without its daemon
         engine.start(1, **SETTINGS)
         view = engine.await_pair(name, lambda v: v["state"] == "running", 120)
         assert view["primary"] == "lab-h1"
-        assert any(e.get("vm") == name and e.get("reason") == "engine_restarted" for e in events(1))
+        if step in ("placed", "copying", "replicating"):  # the half-made protect was undone
+            assert any(e.get("vm") == name and e.get("reason") == "engine_restarted" for e in events(1))
         audit.clean(name)
         client.wait_for_bytes(client.bytes + MiB // 4, 60)
         result = client.stop()
         assert result["ok"], result
     finally:
+        restarted_plain(1)
+        power_off(name)
+
+
+def test_the_secondarys_lockstepd_killed_as_it_starts_the_secondary_leaves_one_protected_copy(cluster):
+    """Its QEMU is left behind without its daemon; the primary's protect goes on or fails over to
+    another host, and the daemon, back, keeps or drops that QEMU by the record."""
+    name, k = "ftcrash-sec", 35
+    for i in (2, 3):  # whichever placement picks
+        engine.kill_daemon(i)
+        engine.start(i, crash_after="secondary_started", **SETTINGS)
+    try:
+        assert engine.ok(1, "POST", "/vms", engine.guest_body(name, k) | {"disk_mib": 64})["changed"]
+        client = StreamFollower(t.guest_ip(k), timeout=300)
+        client.wait_for_bytes(1, 120)
+        answer = enable_in_background(1, name)
+        up = lambda i: engine.processes(i, " daemon --config")  # noqa: E731
+        wait_for("a secondary's lockstepd to crash", lambda: not (up(2) and up(3)), 120, 0.05)
+        restarted_plain(2, 3)
+        answer["thread"].join(180)
+        view = engine.await_pair(name, lambda v: v["state"] == "running", 180)
+        assert view["primary"] == "lab-h1"
+        audit.clean(name)
+        client.wait_for_bytes(client.bytes + MiB // 4, 60)
+        result = client.stop()
+        assert result["ok"], result
+    finally:
+        restarted_plain(2, 3)
+        power_off(name)
+
+
+def test_the_new_primarys_lockstepd_killed_as_it_reads_the_failover_verdict_records_it_when_back(cluster):
+    """The watcher went live on its own; the daemon dies between reading its verdict and writing
+    the record: back, it reads the verdict again and applies it once."""
+    name, k = "ftcrash-verdict", 36
+    client, view = protected(name, k)
+    secondary = engine.index(view["secondary_host"])
+    try:
+        engine.kill_daemon(secondary)  # the watcher and the secondary QEMU run on without it
+        engine.start(secondary, crash_after="verdict", **SETTINGS)
+        engine.ok(1, "POST", f"/vms/{name}/test-failover", {})
+        crashed(secondary)
+        client.wait_for_bytes(client.bytes + MiB // 2, 60)  # the new primary serves meanwhile
+        engine.start(secondary, **SETTINGS)
+        engine.await_pair(
+            name, lambda v: v["state"] == "running" and v["primary"] == HOSTS[secondary - 1], 180
+        )
+        audit.clean(name)
+        client.wait_for_bytes(client.bytes + MiB // 2, 60)
+        result = client.stop()
+        assert result["ok"], result
+    finally:
+        restarted_plain(secondary)
         power_off(name)
 
 

@@ -7,8 +7,12 @@ import http.client
 import json
 import os
 import random
+import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -171,3 +175,17 @@ def test_a_fuzzed_request_stream_never_crashes_the_server(server):
         json.dumps(body)
     assert api.local(path, "GET", "/still-there") == (200, {"ok": True})
     assert threading.active_count() < 50
+
+
+def test_a_crash_point_kills_the_daemon_right_after_its_event_and_only_there(tmp_path):
+    """LOCKSTEPD_CRASH_AFTER, the fault tests' failpoint: the event is on disk, nothing after it."""
+    script = (
+        "import sys; from pathlib import Path; from lockstep.events import EventLog\n"
+        "log = EventLog('h', Path(sys.argv[1]), crash_after='protecting:copying')\n"
+        "log.emit('protecting', step='placed'); log.emit('protecting', step='copying'); log.emit('after')\n"
+    )
+    path = tmp_path / "events.log"
+    run = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})  # fmt: skip
+    assert run.returncode == -signal.SIGKILL, run.stderr
+    assert [json.loads(line).get("step") for line in path.read_text().splitlines()] == ["placed", "copying"]

@@ -61,11 +61,13 @@ def holder(index: int) -> int:
     return state["holders"][t.host(index).name]
 
 
-def start(index: int, **overrides) -> int:
-    """Start lockstepd inside a lab host; returns its PID once its API answers."""
+def start(index: int, crash_after: str | None = None, **overrides) -> int:
+    """Start lockstepd inside a lab host; returns its PID once its API answers. crash_after: the
+    event ("event" or "event:step") right after which it SIGKILLs itself (LOCKSTEPD_CRASH_AFTER)."""
     path = config(index, **overrides)
     log = t.host(index).dir / "lockstepd.log"
-    pid = spawn(in_node(holder(index), [FTCTL, "daemon", "--config", str(path)]), log)
+    env = ["env", f"LOCKSTEPD_CRASH_AFTER={crash_after}"] if crash_after else []
+    pid = spawn(in_node(holder(index), [*env, FTCTL, "daemon", "--config", str(path)]), log)
 
     def answers() -> bool:
         if not os.path.exists(f"/proc/{pid}"):
