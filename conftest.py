@@ -1,5 +1,5 @@
-"""Repository-wide pytest set-up: the lab fixture (ftlab.testing), and this checkout's engine and
-lab packages for every process the tests start (the virtualenv's editable install points at one
+"""Repository-wide pytest set-up: the lab fixture (ftlab.testing), and this checkout's engine
+for every process the tests start (the virtualenv's editable install points at one
 checkout; a worktree or a clone must run its own code in its daemons and watchers)."""
 
 import os
@@ -7,7 +7,7 @@ from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
 os.environ["PYTHONPATH"] = os.pathsep.join(
-    [str(_HERE / "engine"), str(_HERE / "lab"), *filter(None, [os.environ.get("PYTHONPATH")])]
+    [str(_HERE / "engine"), *filter(None, [os.environ.get("PYTHONPATH")])]
 )
 
 pytest_plugins = ["ftlab.testing"]
