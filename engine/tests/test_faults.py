@@ -129,9 +129,14 @@ def test_a_planned_stop_while_the_secondarys_daemon_is_stopped_leaves_one_copy(c
 
 def enable_in_background(index: int, name: str) -> dict:
     answer: dict = {}
-    thread = threading.Thread(
-        target=lambda: answer.update(engine.call(index, "POST", f"/vms/{name}/enable", {})[1])
-    )
+
+    def enable() -> None:
+        try:
+            answer.update(engine.call(index, "POST", f"/vms/{name}/enable", {})[1])
+        except OSError as e:  # the daemon died under it (a crash test): no answer
+            answer["error"] = repr(e)
+
+    thread = threading.Thread(target=enable)
     thread.start()
     answer["thread"] = thread
     return answer
