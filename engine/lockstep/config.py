@@ -86,10 +86,17 @@ def parse(raw, where: str = "config") -> Config:
         problems.append(f"host {raw['host']!r} is not one of hosts ({', '.join(hosts)})")
     secret = raw.get("secret")
     if raw.get("secret_file"):
+        path = Path(raw["secret_file"])
         try:
-            secret = Path(raw["secret_file"]).read_text().strip()
+            if path.stat().st_mode & 0o077:  # the key to every peer command and heartbeat
+                problems.append(f"secret_file {path} is open to group or others "
+                                f"(mode {path.stat().st_mode & 0o777:04o}): chmod 600 it")  # fmt: skip
+            secret = path.read_text().strip()
         except OSError as e:
-            problems.append(f"secret_file {raw['secret_file']}: {e.strerror}")
+            problems.append(f"secret_file {path}: {e.strerror}")
+    webhook = raw.get("webhook")
+    if webhook is not None and not (isinstance(webhook, str) and webhook.startswith(("https://", "http://"))):
+        problems.append(f"webhook must be an http:// or https:// URL, not {webhook!r}")
     if not secret or len(str(secret)) < 16:
         problems.append("secret (or secret_file) must give a peer secret of at least 16 characters")
     for key in ("mode",):

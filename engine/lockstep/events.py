@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 WEBHOOK_QUEUE = 1000
+LOG_BYTES = 16 << 20  # events.log is moved to events.log.1 past this size (the journal keeps all)
 
 
 class EventLog:
@@ -22,6 +23,7 @@ class EventLog:
     ) -> None:
         self.host, self.path, self.webhook = host, path, webhook
         self.crash_after = crash_after
+        self.log_bytes = LOG_BYTES
         self.webhook_failures = 0
         self.webhook_dropped = 0
         self.pending: queue.Queue[dict] = queue.Queue(WEBHOOK_QUEUE)
@@ -34,6 +36,9 @@ class EventLog:
         print(text, flush=True)
         with open(self.path, "a") as f:
             f.write(text + "\n")
+            full = f.tell() > self.log_bytes
+        if full:
+            os.replace(self.path, self.path.with_name(self.path.name + ".1"))
         if self.crash_after and self.crash_after in (event, f"{event}:{fields.get('step')}"):
             os.kill(os.getpid(), signal.SIGKILL)  # a fault test's crash point (LOCKSTEPD_CRASH_AFTER)
         if self.webhook:

@@ -57,6 +57,20 @@ def test_every_configuration_problem_is_named_at_once():
         config.parse(["h1"])
 
 
+def test_a_secret_file_others_can_read_and_a_webhook_that_is_no_url_are_refused(tmp_path):
+    secret = tmp_path / "peer.secret"
+    secret.write_text("0123456789abcdef\n")
+    secret.chmod(0o644)
+    bad = {k: v for k, v in BASE.items() if k != "secret"} | {"secret_file": str(secret), "webhook": "alerts"}
+    with pytest.raises(config.ConfigError) as e:
+        config.parse(bad)
+    assert "is open to group or others (mode 0644): chmod 600 it" in str(e.value)
+    assert "webhook must be an http:// or https:// URL, not 'alerts'" in str(e.value)
+    secret.chmod(0o600)
+    cfg = config.parse(bad | {"webhook": "https://alerts.example/ft"})
+    assert cfg.secret == b"0123456789abcdef" and cfg.webhook == "https://alerts.example/ft"
+
+
 def record(
     name: str, primary: str, secondary: str | None = None, memory: int = 256, vcpus: int = 1
 ) -> Record:
@@ -189,3 +203,16 @@ def test_a_crash_point_kills_the_daemon_right_after_its_event_and_only_there(tmp
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})  # fmt: skip
     assert run.returncode == -signal.SIGKILL, run.stderr
     assert [json.loads(line).get("step") for line in path.read_text().splitlines()] == ["placed", "copying"]
+
+
+def test_the_event_log_is_rotated_at_its_size_cap(tmp_path):
+    from lockstep.events import EventLog
+
+    log = EventLog("h1", tmp_path / "events.log")
+    log.log_bytes = 1000
+    for i in range(100):
+        log.emit("tick", n=i)
+    assert (tmp_path / "events.log").stat().st_size <= 1000 + 100
+    assert (tmp_path / "events.log.1").stat().st_size <= 1000 + 100
+    last = [json.loads(line)["n"] for line in (tmp_path / "events.log").read_text().splitlines()]
+    assert last[-1] == 99
