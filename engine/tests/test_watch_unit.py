@@ -480,6 +480,14 @@ async def spawn(side: Side, *extra: str) -> asyncio.subprocess.Process:
         )
 
 
+def can_lower_oom_score() -> bool:
+    try:
+        subprocess.run(["sh", "-c", "echo -1 > /proc/self/oom_score_adj"], check=True, capture_output=True)
+        return True
+    except subprocess.CalledProcessError:
+        return False
+
+
 def test_ftctl_watch_signed_heartbeats_a_win_with_a_failed_step_exits_live(tmp_path):
     """Two `ftctl watch` processes with --secret-file and --datastore-id see each other; the
     secondary's is lost; the primary wins, a go-live step fails, and it exits 0 with a live verdict."""
@@ -493,6 +501,11 @@ def test_ftctl_watch_signed_heartbeats_a_win_with_a_failed_step_exits_live(tmp_p
             flags = ("--secret-file", str(secret_file), "--datastore-id", DATASTORE_ID)
             procs = {role: await spawn(side, *flags) for role, side in sides.items()}
             await until("the primary sees the secondary", lambda: '"peer-seen"' in p.journal.read_text())
+            if os.geteuid() == 0:  # ahead of vCPUs, and never the OOM killer's pick (R10)
+                pid = procs["primary"].pid
+                assert os.getpriority(os.PRIO_PROCESS, pid) == watch.WATCHER_NICE
+                if can_lower_oom_score():  # needs CAP_SYS_RESOURCE, which this machine's root lacks
+                    assert Path(f"/proc/{pid}/oom_score_adj").read_text().strip() == "-1000"
             procs["secondary"].kill()
             s.qemu.kill()
             rc = await asyncio.wait_for(procs["primary"].wait(), 15)
