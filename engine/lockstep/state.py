@@ -32,6 +32,7 @@ class Reason(StrEnum):
     ENGINE_RESTARTED = "engine_restarted"  # lockstepd stopped in the middle of protecting
     VM_EXITED = "vm_exited"  # the QEMU stopped with no other copy to take over
     HOST_UNREACHABLE = "host_unreachable"  # no host that ran a copy has answered for a while
+    SECONDARY_DISK_ERROR = "secondary_disk_error"  # a write to its disk failed: the copy is behind
 
 
 class Action(StrEnum):

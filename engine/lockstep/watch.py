@@ -203,6 +203,8 @@ class Watcher:
         transport, beats = await loop.create_datagram_endpoint(lambda: Heartbeats(cfg), local_addr=cfg.listen)
         resumes = BoundedListener(("RESUME",))
         self.vm.qmp.register_listener(resumes)
+        disk_errors = BoundedListener(("QUORUM_REPORT_BAD",))  # quorum acks a write its local child took
+        self.vm.qmp.register_listener(disk_errors)
         last_progress = time.monotonic()
         seq = time.time_ns()  # a restarted watcher goes on above its predecessor's numbers
         hello = {"pair": cfg.pair, "generation": cfg.generation, "role": cfg.role}
@@ -238,6 +240,8 @@ class Watcher:
                     detail = f"no heartbeat from the {cfg.peer_role} for {now - beats.last:.2f} s"
                 elif cfg.role == "primary" and now - last_progress > cfg.progress_timeout:
                     reason, detail = Reason.CHECKPOINT_ERROR, f"no checkpoint for {now - last_progress:.2f} s"
+                elif cfg.role == "primary" and (bad := secondary_disk_errors(disk_errors.clear())):
+                    reason, detail = Reason.SECONDARY_DISK_ERROR, f"the secondary's disk failed: {bad}"
                 else:
                     continue
                 self.log("peer-lost", reason=reason, detail=detail)
@@ -253,6 +257,7 @@ class Watcher:
                 return await self.decide(reason, detail)
         finally:
             self.vm.qmp.remove_listener(resumes)
+            self.vm.qmp.remove_listener(disk_errors)
             transport.close()
 
     async def answers_out_of_band(self) -> bool:
@@ -414,6 +419,17 @@ async def run(watcher: Watcher, qmp_path: str) -> Verdict:
     finally:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(qmp.disconnect(), 1.0)
+
+
+def secondary_disk_errors(events: list) -> str:
+    """What failed on the replication child (the secondary's disk over NBD): the guest's write
+    was acknowledged by the local disk alone, so the secondary's copy misses it and must never
+    be failed over to (review R9). Errors of the local child are the primary's own business."""
+    bad = [e.get("data", {}) for e in events]
+    bad = [d for d in bad if str(d.get("node-name", "")).startswith("replication")]
+    return "; ".join(
+        f"{d.get('type', 'io')} at sector {d.get('sector-num')}: {d.get('error', '?')}" for d in bad
+    )
 
 
 WATCHER_NICE = -10  # ahead of the guests' vCPU threads: a starved watcher misses heartbeats (R10)

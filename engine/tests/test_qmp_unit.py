@@ -87,11 +87,12 @@ class FakeQemu:
             reply = {"return": self.answers.get(cmd, {})}
         writer.write(json.dumps(reply | {"id": msg.get("id")}).encode() + b"\r\n")
 
-    async def emit(self, *names: str, times: int = 1) -> None:
+    async def emit(self, *names: str, times: int = 1, data: dict | None = None) -> None:
         """Send events (a checkpoint is STOP then RESUME) to every client, as fast as they read."""
         for i in range(times):
             for name in names:
                 event = {"event": name, "timestamp": {"seconds": 1_700_000_000 + i, "microseconds": 0}}
+                event |= {"data": data} if data is not None else {}
                 line = json.dumps(event).encode() + b"\r\n"
                 for w in self.writers:
                     w.write(line)

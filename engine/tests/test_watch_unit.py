@@ -350,6 +350,30 @@ def test_stuck_replication_makes_the_primary_continue_alone(tmp_path):
     asyncio.run(main())
 
 
+def test_a_write_the_secondarys_disk_failed_makes_the_primary_continue_alone(tmp_path):
+    """Quorum (vote-threshold 1) acknowledges a write its local child took: the secondary's copy
+    now misses it. Before: the pair stayed `running` and a failover served the stale disk (R9)."""
+
+    async def main():
+        async with pair(tmp_path) as sides:
+            p, s = sides["primary"], sides["secondary"]
+            p.fake.checkpoint_every(0.1)
+            await start_both(sides)
+            local = {"node-name": "colo-disk0-local", "type": "write", "sector-num": 8, "sectors-count": 8}
+            await p.fake.emit("QUORUM_REPORT_BAD", data=local | {"error": "Input/output error"})
+            await asyncio.sleep(0.3)  # a few rounds of the loop: the local child is not the secondary
+            assert not p.task.done()
+            nbd = local | {"node-name": "replication0", "error": "No space left on device"}
+            await p.fake.emit("QUORUM_REPORT_BAD", data=nbd)
+            await asyncio.wait_for(asyncio.gather(p.task, s.task), 10)
+            assert (verdict(p).outcome, verdict(p).reason) == ("live", "secondary_disk_error")
+            assert "No space left on device" in verdict(p).detail
+            assert p.fake.received("x-colo-lost-heartbeat") and not p.fenced
+            assert verdict(s).outcome == "fenced" and s.fenced
+
+    asyncio.run(main())
+
+
 def test_forged_and_replayed_heartbeats_do_not_hold_off_a_failover(tmp_path):
     """R8: with the secret, only the real peer's heartbeats count: a forger sending unsigned,
     wrongly signed, other-pair/generation/role and replayed heartbeats does not keep the
