@@ -46,6 +46,7 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--guest", required=True, help="guest name (names the VM's tap)")
     w.add_argument("--datastore-id", help="the id in the datastore's .ft-lockstep-datastore (ft_storage's)")
     w.add_argument("--secret-file", type=Path, help="cluster secret (signs heartbeats)")
+    w.add_argument("--vm-uplink", help="this host's VM-network uplink (a primary without carrier hands over)")
     for f in dataclasses.fields(watch.WatchConfig):
         if f.type == "float":  # the tunable times
             w.add_argument(f"--{f.name.replace('_', '-')}", type=float, default=f.default,

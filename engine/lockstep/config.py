@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,7 @@ class Config:
     webhook: str | None = None
     reprotect_retry_s: float = 5.0
     diagnostic_monitor: bool = False  # each QEMU gets a third QMP socket for tools (colo.Host)
+    vm_uplink: str | None = None  # the VM bridge's uplink: a primary whose carrier is gone hands over
     lost_after_s: float = 30.0  # no host of a pair not running answered this long: recorded lost
     # the id in the datastore's .ft-lockstep-datastore (ft_storage's datastore_id): with it, a
     # different filesystem mounted at the path is refused too, not only a missing one
@@ -94,6 +96,11 @@ def parse(raw, where: str = "config") -> Config:
             secret = path.read_text().strip()
         except OSError as e:
             problems.append(f"secret_file {path}: {e.strerror}")
+    uplink = raw.get("vm_uplink")
+    if uplink is not None and not (
+        isinstance(uplink, str) and re.fullmatch(r"[A-Za-z0-9_.:@-]{1,15}", uplink)
+    ):
+        problems.append(f"vm_uplink must be a network interface's name, not {uplink!r}")
     webhook = raw.get("webhook")
     if webhook is not None and not (isinstance(webhook, str) and webhook.startswith(("https://", "http://"))):
         problems.append(f"webhook must be an http:// or https:// URL, not {webhook!r}")

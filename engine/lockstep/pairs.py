@@ -790,6 +790,7 @@ def watcher_argv(c: Cluster, record: Record, vm: colo.Vm, pid: int, role: str, p
         "--guest", record.name, "--timeout", str(c.cfg.watch_timeout),
         "--secret-file", str(secret_file(c.cfg)),
         *(["--datastore-id", c.cfg.datastore_id] if c.cfg.datastore_id else []),
+        *(["--vm-uplink", c.cfg.vm_uplink] if c.cfg.vm_uplink else []),
     ]  # fmt: skip
 
 

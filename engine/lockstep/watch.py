@@ -72,6 +72,7 @@ class WatchConfig:
     busy_limit: float = 10.0  # own QEMU answers out of band, its main loop blocked this long: hung
     datastore_id: str | None = None  # the id in ft_storage's id file; None: the file need only exist
     secret: bytes | None = field(default=None, repr=False)  # signs heartbeats; None: unsigned
+    vm_uplink: str | None = None  # the VM network's uplink here: its carrier goes in each heartbeat
 
     @property
     def peer_role(self) -> str:
@@ -98,8 +99,9 @@ def sign(secret: bytes, body: bytes) -> bytes:
     return hmac.new(secret, body, hashlib.sha256).hexdigest().encode()
 
 
-def heartbeat(cfg: WatchConfig, seq: int) -> bytes:
-    body = json.dumps({"pair": cfg.pair, "generation": cfg.generation, "role": cfg.role, "seq": seq}).encode()
+def heartbeat(cfg: WatchConfig, seq: int, vm_net: bool | None = None) -> bytes:
+    msg = {"pair": cfg.pair, "generation": cfg.generation, "role": cfg.role, "seq": seq, "vm_net": vm_net}
+    body = json.dumps(msg).encode()
     return body if cfg.secret is None else sign(cfg.secret, body) + body
 
 
@@ -113,6 +115,7 @@ class Heartbeats(asyncio.DatagramProtocol):
         self.last = time.monotonic()  # the grace period starts when watching starts
         self.seen = False  # a heartbeat came: from now on the timeout applies
         self.seq = -1  # the last sequence number accepted
+        self.peer_vm_net: bool | None = None  # whether the other side's VM network works (None: unknown)
 
     def datagram_received(self, data: bytes, addr) -> None:
         if self.accept(data):
@@ -136,7 +139,19 @@ class Heartbeats(asyncio.DatagramProtocol):
         if not ours or type(seq) is not int or seq <= self.seq:
             return False
         self.seq = seq
+        self.peer_vm_net = msg.get("vm_net") if isinstance(msg.get("vm_net"), bool) else None
         return True
+
+
+def carrier(ifname: str | None) -> bool | None:
+    """Whether this host's VM-network uplink has a carrier (None: not watched). A missing or
+    administratively down interface has none."""
+    if not ifname:
+        return None
+    try:
+        return Path(f"/sys/class/net/{ifname}/carrier").read_text().strip() == "1"
+    except OSError:
+        return False
 
 
 class Watcher:
@@ -211,6 +226,8 @@ class Watcher:
         self.log("watching", **hello, peer=f"{cfg.peer[0]}:{cfg.peer[1]}", timeout=cfg.timeout)
         announced = False
         busy_since: float | None = None
+        vm_net_down_since: float | None = None
+        handing_over = False  # the primary has gone quiet so that the secondary takes over
         try:
             while True:
                 await asyncio.sleep(cfg.interval)
@@ -227,11 +244,21 @@ class Watcher:
                     elif time.monotonic() - busy_since > cfg.busy_limit:
                         return self.fence(Reason.PARTIAL_HARDWARE_FAILURE,
                                           f"own QEMU's main loop blocked for {cfg.busy_limit} s")  # fmt: skip
-                seq += 1
-                transport.sendto(heartbeat(cfg, seq), cfg.peer)
+                now = time.monotonic()
+                vm_net = carrier(cfg.vm_uplink)
+                vm_net_down_since = None if vm_net is not False else (vm_net_down_since or now)
+                if (
+                    cfg.role == "primary" and not handing_over and beats.peer_vm_net is True
+                    and vm_net_down_since is not None and now - vm_net_down_since > cfg.timeout
+                ):  # fmt: skip
+                    handing_over = True  # the guest's clients cannot reach it here, but there they can
+                    self.log("handing-over", detail=f"{cfg.vm_uplink} has no carrier; the secondary's "
+                             "VM network works: heartbeats stop so that it takes over")  # fmt: skip
+                if not handing_over:
+                    seq += 1
+                    transport.sendto(heartbeat(cfg, seq, vm_net), cfg.peer)
                 if resumes.clear():
                     last_progress = time.monotonic()
-                now = time.monotonic()
                 if beats.seen and not announced:
                     self.log("peer-seen")  # both sides watch each other now
                     announced = True
@@ -245,6 +272,8 @@ class Watcher:
                 else:
                     continue
                 self.log("peer-lost", reason=reason, detail=detail)
+                if handing_over:  # the secondary's claim first; the token decides all the same
+                    await asyncio.sleep(cfg.timeout + cfg.secondary_delay)
                 if cfg.role == "secondary":
                     await asyncio.sleep(cfg.secondary_delay)
                     if time.monotonic() - beats.last < cfg.timeout:

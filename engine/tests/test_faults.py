@@ -357,6 +357,27 @@ def test_a_failover_while_the_new_primarys_daemon_is_dead_is_recorded_when_it_re
         power_off(name)
 
 
+def test_a_primary_whose_vm_network_link_is_cut_hands_over_and_the_client_stream_goes_on(cluster):
+    """Only the primary host's VM-network link is cut (FT logging and storage work): its clients
+    cannot reach the guest there. Before: no failover, the service down until the link came back (R25)."""
+    name, k = "ftuplink", 37
+    client, _ = protected(name, k)
+    link = ["ftl-h1-vm"]
+    try:
+        set_links(link, up=False)
+        engine.await_pair(name, lambda v: v["primary"] != "lab-h1", 60)
+        client.wait_for_bytes(client.bytes + MiB // 2, 60)  # served from the secondary, byte-exact
+        set_links(link, up=True)
+        engine.await_pair(name, lambda v: v["state"] == "running" and v["primary"] != "lab-h1", 180)
+        audit.clean(name)
+        client.wait_for_bytes(client.bytes + MiB // 4, 60)
+        result = client.stop()
+        assert result["ok"], result
+    finally:
+        set_links(link, up=True)
+        power_off(name)
+
+
 # --- a QEMU hung in the middle of a checkpoint ------------------------------------------------
 
 

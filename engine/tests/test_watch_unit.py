@@ -374,6 +374,57 @@ def test_a_write_the_secondarys_disk_failed_makes_the_primary_continue_alone(tmp
     asyncio.run(main())
 
 
+@pytest.fixture
+def uplinks():
+    """Two real veth pairs in this namespace, one per side: <name>0 is a side's VM-network uplink,
+    <name>1 its far end (set down, the uplink loses its carrier, as when a cable is pulled)."""
+    if os.geteuid() != 0:
+        pytest.skip("creating veth pairs needs root")
+    names = {role: f"ftu{role[0]}{os.getpid() % 100000}" for role in ("primary", "secondary")}
+    for n in names.values():
+        subprocess.run(["ip", "link", "add", f"{n}0", "type", "veth", "peer", "name", f"{n}1"], check=True)
+        for end in "01":
+            subprocess.run(["ip", "link", "set", f"{n}{end}", "up"], check=True)
+    deadline = time.monotonic() + 5
+    while not all(watch.carrier(f"{n}0") for n in names.values()):
+        assert time.monotonic() < deadline, "the veth uplinks got no carrier"
+        time.sleep(0.02)
+    yield names
+    for n in names.values():
+        subprocess.run(["ip", "link", "del", f"{n}0"], check=False)
+
+
+@pytest.mark.parametrize("secondary_net", ["up", "down"])
+def test_a_primary_whose_vm_network_is_gone_hands_over_to_a_secondary_whose_network_works(
+    tmp_path, uplinks, secondary_net
+):
+    """The primary's VM-network uplink loses its carrier while FT-logging and storage work: its
+    clients cannot reach it, the secondary's could. Before: no failover at all (review R25)."""
+
+    async def main():
+        async with pair(tmp_path) as sides:
+            for role, side in sides.items():
+                side.cfg = replace(side.cfg, vm_uplink=f"{uplinks[role]}0")
+            p, s = sides["primary"], sides["secondary"]
+            p.fake.checkpoint_every(0.1)
+            await start_both(sides)
+            if secondary_net == "down":
+                subprocess.run(["ip", "link", "set", f"{uplinks['secondary']}1", "down"], check=True)
+                await until("the secondary's heartbeats say so", lambda: s.task and not watch.carrier(
+                    f"{uplinks['secondary']}0"))  # fmt: skip
+            subprocess.run(["ip", "link", "set", f"{uplinks['primary']}1", "down"], check=True)
+            if secondary_net == "down":  # nowhere better to go: the primary keeps the VM
+                await asyncio.sleep(2)
+                assert not p.task.done() and not s.task.done() and not p.logged("handing-over")
+                return
+            await asyncio.wait_for(asyncio.gather(p.task, s.task), 10)
+            assert p.logged("handing-over")
+            assert verdict(s).outcome == "live" and not s.fenced
+            assert (verdict(p).outcome, verdict(p).reason) == ("fenced", "lost_arbitration") and p.fenced
+
+    asyncio.run(main())
+
+
 def test_forged_and_replayed_heartbeats_do_not_hold_off_a_failover(tmp_path):
     """R8: with the secret, only the real peer's heartbeats count: a forger sending unsigned,
     wrongly signed, other-pair/generation/role and replayed heartbeats does not keep the

@@ -46,6 +46,7 @@ def config(index: int, n_hosts: int = 3, **overrides) -> Path:
         "secret": SECRET,
         "qemu": lab_qemu(),
         "bridge": t.VM_BRIDGE,
+        "vm_uplink": "vmnet0",  # the host's link to the VM network (ftl-h<N>-vm at the far end)
         "reprotect_retry_s": 2.0,
         **overrides,
     }
