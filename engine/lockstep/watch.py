@@ -247,13 +247,21 @@ class Watcher:
                 now = time.monotonic()
                 vm_net = carrier(cfg.vm_uplink)
                 vm_net_down_since = None if vm_net is not False else (vm_net_down_since or now)
+                failed = disk_failures(disk_errors.clear()) if cfg.role == "primary" else {}
+                peer_there = beats.seen and now - beats.last < cfg.timeout
+                why = None
+                vm_net_gone = vm_net_down_since is not None and now - vm_net_down_since > cfg.timeout
                 if (
-                    cfg.role == "primary" and not handing_over and beats.peer_vm_net is True
-                    and vm_net_down_since is not None and now - vm_net_down_since > cfg.timeout
-                ):  # fmt: skip
-                    handing_over = True  # the guest's clients cannot reach it here, but there they can
-                    self.log("handing-over", detail=f"{cfg.vm_uplink} has no carrier; the secondary's "
-                             "VM network works: heartbeats stop so that it takes over")  # fmt: skip
+                    vm_net_gone and beats.peer_vm_net is True
+                ):  # its clients cannot reach it here, there they can
+                    why = f"{cfg.vm_uplink} has no carrier; the secondary's VM network works"
+                if failed.get("local") and not failed.get("secondary"):  # the secondary's copy has it all
+                    why = f"own disk failed: {failed['local']}"
+                if why and cfg.role == "primary" and peer_there and not handing_over:
+                    handing_over = True
+                    self.log(
+                        "handing-over", detail=f"{why}: heartbeats stop so that the secondary takes over"
+                    )
                 if not handing_over:
                     seq += 1
                     transport.sendto(heartbeat(cfg, seq, vm_net), cfg.peer)
@@ -267,8 +275,9 @@ class Watcher:
                     detail = f"no heartbeat from the {cfg.peer_role} for {now - beats.last:.2f} s"
                 elif cfg.role == "primary" and now - last_progress > cfg.progress_timeout:
                     reason, detail = Reason.CHECKPOINT_ERROR, f"no checkpoint for {now - last_progress:.2f} s"
-                elif cfg.role == "primary" and (bad := secondary_disk_errors(disk_errors.clear())):
-                    reason, detail = Reason.SECONDARY_DISK_ERROR, f"the secondary's disk failed: {bad}"
+                elif failed.get("secondary"):
+                    reason = Reason.SECONDARY_DISK_ERROR
+                    detail = f"the secondary's disk failed: {failed['secondary']}"
                 else:
                     continue
                 self.log("peer-lost", reason=reason, detail=detail)
@@ -450,15 +459,18 @@ async def run(watcher: Watcher, qmp_path: str) -> Verdict:
             await asyncio.wait_for(qmp.disconnect(), 1.0)
 
 
-def secondary_disk_errors(events: list) -> str:
-    """What failed on the replication child (the secondary's disk over NBD): the guest's write
-    was acknowledged by the local disk alone, so the secondary's copy misses it and must never
-    be failed over to (review R9). Errors of the local child are the primary's own business."""
-    bad = [e.get("data", {}) for e in events]
-    bad = [d for d in bad if str(d.get("node-name", "")).startswith("replication")]
-    return "; ".join(
-        f"{d.get('type', 'io')} at sector {d.get('sector-num')}: {d.get('error', '?')}" for d in bad
-    )
+def disk_failures(events: list) -> dict[str, str]:
+    """What failed in the primary's quorum, by side. Quorum (vote-threshold 1) acknowledges a
+    write that one child took: a failed replication child (the secondary's disk over NBD) leaves
+    the secondary's copy behind, never to be failed over to (review R9); a failed local child
+    leaves the primary's own disk behind, and the secondary's copy is the good one (R11)."""
+    found: dict[str, list[str]] = {}
+    for e in events:
+        d = e.get("data", {})
+        side = "secondary" if str(d.get("node-name", "")).startswith("replication") else "local"
+        what = f"{d.get('type', 'io')} at sector {d.get('sector-num')}: {d.get('error', '?')}"
+        found.setdefault(side, []).append(what)
+    return {side: "; ".join(what) for side, what in found.items()}
 
 
 WATCHER_NICE = -10  # ahead of the guests' vCPU threads: a starved watcher misses heartbeats (R10)

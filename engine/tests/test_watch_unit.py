@@ -95,6 +95,11 @@ class Side:
 
     @property
     def fenced(self) -> bool:
+        """Its QEMU was killed. A SIGKILL takes a moment to land (it was flaky without this):
+        once the journal says fenced, the process is given that moment."""
+        if self.qemu.poll() is None and self.journal.exists() and '"fenced"' in self.journal.read_text():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.qemu.wait(timeout=5)
         return self.qemu.poll() is not None
 
     def lose_host(self) -> None:
@@ -359,17 +364,35 @@ def test_a_write_the_secondarys_disk_failed_makes_the_primary_continue_alone(tmp
             p, s = sides["primary"], sides["secondary"]
             p.fake.checkpoint_every(0.1)
             await start_both(sides)
-            local = {"node-name": "colo-disk0-local", "type": "write", "sector-num": 8, "sectors-count": 8}
-            await p.fake.emit("QUORUM_REPORT_BAD", data=local | {"error": "Input/output error"})
-            await asyncio.sleep(0.3)  # a few rounds of the loop: the local child is not the secondary
-            assert not p.task.done()
-            nbd = local | {"node-name": "replication0", "error": "No space left on device"}
+            nbd = {"node-name": "replication0", "type": "write", "sector-num": 8, "sectors-count": 8}
+            nbd |= {"error": "No space left on device"}
             await p.fake.emit("QUORUM_REPORT_BAD", data=nbd)
             await asyncio.wait_for(asyncio.gather(p.task, s.task), 10)
             assert (verdict(p).outcome, verdict(p).reason) == ("live", "secondary_disk_error")
             assert "No space left on device" in verdict(p).detail
             assert p.fake.received("x-colo-lost-heartbeat") and not p.fenced
             assert verdict(s).outcome == "fenced" and s.fenced
+
+    asyncio.run(main())
+
+
+def test_a_write_the_primarys_own_disk_failed_hands_over_to_the_secondary(tmp_path):
+    """The local child failed a write the replication child took: the secondary's copy is the
+    good one. Before: the primary went on reading its stale disk (review R11)."""
+
+    async def main():
+        async with pair(tmp_path) as sides:
+            p, s = sides["primary"], sides["secondary"]
+            p.fake.checkpoint_every(0.1)
+            await start_both(sides)
+            local = {"node-name": "#block172", "type": "write", "sector-num": 8, "sectors-count": 8}
+            await p.fake.emit("QUORUM_REPORT_BAD", data=local | {"error": "Input/output error"})
+            await asyncio.wait_for(asyncio.gather(p.task, s.task), 10)
+            (handing,) = p.logged("handing-over")
+            assert "own disk failed: write at sector 8: Input/output error" in handing["detail"]
+            assert verdict(s).outcome == "live" and not s.fenced
+            assert (verdict(p).outcome, verdict(p).reason) == ("fenced", "lost_arbitration")
+            await until("the primary's QEMU is fenced", lambda: p.fenced)
 
     asyncio.run(main())
 
@@ -420,7 +443,8 @@ def test_a_primary_whose_vm_network_is_gone_hands_over_to_a_secondary_whose_netw
             await asyncio.wait_for(asyncio.gather(p.task, s.task), 10)
             assert p.logged("handing-over")
             assert verdict(s).outcome == "live" and not s.fenced
-            assert (verdict(p).outcome, verdict(p).reason) == ("fenced", "lost_arbitration") and p.fenced
+            assert (verdict(p).outcome, verdict(p).reason) == ("fenced", "lost_arbitration")
+            await until("the primary's QEMU is fenced", lambda: p.fenced)
 
     asyncio.run(main())
 
