@@ -72,6 +72,14 @@ def protected(name: str, k: int, **vm) -> tuple[StreamFollower, dict]:
     return client, view
 
 
+def ends_clean(name: str, client: StreamFollower, more: int = MiB // 4) -> None:
+    """The audit, then the client's stream goes on and was byte-exact throughout."""
+    audit.clean(name)
+    client.wait_for_bytes(client.bytes + more, 60)
+    result = client.stop()
+    assert result["ok"], result
+
+
 def power_off(name: str) -> None:
     for i in (1, 2, 3):
         with contextlib.suppress(OSError):
@@ -274,10 +282,7 @@ def test_lockstepd_killed_at_each_protect_step_and_restarted_protects_the_vm_aga
         assert view["primary"] == "lab-h1"
         if step in ("placed", "copying", "replicating"):  # the half-made protect was undone
             assert any(e.get("vm") == name and e.get("reason") == "engine_restarted" for e in events(1))
-        audit.clean(name)
-        client.wait_for_bytes(client.bytes + MiB // 4, 60)
-        result = client.stop()
-        assert result["ok"], result
+        ends_clean(name, client)
     finally:
         restarted_plain(1)
         power_off(name)
@@ -301,10 +306,7 @@ def test_the_secondarys_lockstepd_killed_as_it_starts_the_secondary_leaves_one_p
         answer["thread"].join(180)
         view = engine.await_pair(name, lambda v: v["state"] == "running", 180)
         assert view["primary"] == "lab-h1"
-        audit.clean(name)
-        client.wait_for_bytes(client.bytes + MiB // 4, 60)
-        result = client.stop()
-        assert result["ok"], result
+        ends_clean(name, client)
     finally:
         restarted_plain(2, 3)
         power_off(name)
@@ -326,10 +328,7 @@ def test_the_new_primarys_lockstepd_killed_as_it_reads_the_failover_verdict_reco
         engine.await_pair(
             name, lambda v: v["state"] == "running" and v["primary"] == HOSTS[secondary - 1], 180
         )
-        audit.clean(name)
-        client.wait_for_bytes(client.bytes + MiB // 2, 60)
-        result = client.stop()
-        assert result["ok"], result
+        ends_clean(name, client, MiB // 2)
     finally:
         restarted_plain(secondary)
         power_off(name)
@@ -349,10 +348,7 @@ def test_a_failover_while_the_new_primarys_daemon_is_dead_is_recorded_when_it_re
         view = engine.await_pair(
             name, lambda v: v["state"] == "running" and v["primary"] == HOSTS[secondary - 1]
         )
-        audit.clean(name)
-        client.wait_for_bytes(client.bytes + MiB // 2, 60)
-        result = client.stop()
-        assert result["ok"], result
+        ends_clean(name, client, MiB // 2)
     finally:
         power_off(name)
 
@@ -369,10 +365,7 @@ def test_a_primary_whose_vm_network_link_is_cut_hands_over_and_the_client_stream
         client.wait_for_bytes(client.bytes + MiB // 2, 60)  # served from the secondary, byte-exact
         set_links(link, up=True)
         engine.await_pair(name, lambda v: v["state"] == "running" and v["primary"] != "lab-h1", 180)
-        audit.clean(name)
-        client.wait_for_bytes(client.bytes + MiB // 4, 60)
-        result = client.stop()
-        assert result["ok"], result
+        ends_clean(name, client)
     finally:
         set_links(link, up=True)
         power_off(name)

@@ -355,44 +355,35 @@ def test_stuck_replication_makes_the_primary_continue_alone(tmp_path):
     asyncio.run(main())
 
 
-def test_a_write_the_secondarys_disk_failed_makes_the_primary_continue_alone(tmp_path):
-    """Quorum (vote-threshold 1) acknowledges a write its local child took: the secondary's copy
-    now misses it. Before: the pair stayed `running` and a failover served the stale disk (R9)."""
+@pytest.mark.parametrize("child", ["replication0", "#block172"])
+def test_a_write_one_disk_copy_failed_leaves_the_side_whose_copy_has_it(tmp_path, child):
+    """Quorum (vote-threshold 1) acknowledges a write one child took. The replication child (the
+    secondary's disk) failed: its copy misses the write, the primary continues alone; before, the
+    pair stayed `running` and a failover served the stale disk (R9). The primary's local child
+    failed: the secondary's copy is the good one, the primary hands over; before, the primary went
+    on reading its stale disk (R11)."""
 
     async def main():
         async with pair(tmp_path) as sides:
             p, s = sides["primary"], sides["secondary"]
             p.fake.checkpoint_every(0.1)
             await start_both(sides)
-            nbd = {"node-name": "replication0", "type": "write", "sector-num": 8, "sectors-count": 8}
-            nbd |= {"error": "No space left on device"}
-            await p.fake.emit("QUORUM_REPORT_BAD", data=nbd)
+            bad = {"node-name": child, "type": "write", "sector-num": 8, "sectors-count": 8, "error": "EIO"}
+            await p.fake.emit("QUORUM_REPORT_BAD", data=bad)
             await asyncio.wait_for(asyncio.gather(p.task, s.task), 10)
-            assert (verdict(p).outcome, verdict(p).reason) == ("live", "secondary_disk_error")
-            assert "No space left on device" in verdict(p).detail
-            assert p.fake.received("x-colo-lost-heartbeat") and not p.fenced
-            assert verdict(s).outcome == "fenced" and s.fenced
-
-    asyncio.run(main())
-
-
-def test_a_write_the_primarys_own_disk_failed_hands_over_to_the_secondary(tmp_path):
-    """The local child failed a write the replication child took: the secondary's copy is the
-    good one. Before: the primary went on reading its stale disk (review R11)."""
-
-    async def main():
-        async with pair(tmp_path) as sides:
-            p, s = sides["primary"], sides["secondary"]
-            p.fake.checkpoint_every(0.1)
-            await start_both(sides)
-            local = {"node-name": "#block172", "type": "write", "sector-num": 8, "sectors-count": 8}
-            await p.fake.emit("QUORUM_REPORT_BAD", data=local | {"error": "Input/output error"})
-            await asyncio.wait_for(asyncio.gather(p.task, s.task), 10)
-            (handing,) = p.logged("handing-over")
-            assert "own disk failed: write at sector 8: Input/output error" in handing["detail"]
-            assert verdict(s).outcome == "live" and not s.fenced
-            assert (verdict(p).outcome, verdict(p).reason) == ("fenced", "lost_arbitration")
-            await until("the primary's QEMU is fenced", lambda: p.fenced)
+            winner, loser = (p, s) if child.startswith("replication") else (s, p)
+            assert verdict(winner).outcome == "live" and not winner.fenced
+            assert verdict(loser).outcome == "fenced" and loser.fenced
+            if winner is p:
+                assert (
+                    verdict(p).reason == "secondary_disk_error"
+                    and "write at sector 8: EIO" in verdict(p).detail
+                )
+                assert p.fake.received("x-colo-lost-heartbeat")
+            else:
+                (handing,) = p.logged("handing-over")
+                assert "own disk failed: write at sector 8: EIO" in handing["detail"]
+                assert verdict(p).reason == "lost_arbitration"
 
     asyncio.run(main())
 
