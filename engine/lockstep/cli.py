@@ -43,7 +43,8 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--mode", type=colo.Mode, choices=list(colo.Mode), default=colo.Mode.LOCKSTEP)
     w.add_argument("--qmp", required=True, help="QMP socket of this side's QEMU")
     w.add_argument("--qemu-pid", type=int, required=True, help="PID of that QEMU (fenced with SIGKILL)")
-    w.add_argument("--guest", required=True, help="guest name (names the VM's tap)")
+    w.add_argument("--guest", required=True, help="guest name (names the VM's taps)")
+    w.add_argument("--nics", type=int, default=1, help="the VM's NIC count (each has a tap and filters)")
     w.add_argument("--datastore-id", help="the id in the datastore's .ft-lockstep-datastore (ft_storage's)")
     w.add_argument("--secret-file", type=Path, help="cluster secret (signs heartbeats)")
     w.add_argument("--vm-uplink", help="this host's VM-network uplink (a primary without carrier hands over)")
@@ -61,12 +62,13 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("status", parents=[sock], help="FT pairs, their state, statistics and alarms")
     v = sub.add_parser("vm-start", parents=[sock], help="start a VM (unprotected) on this host")
     v.add_argument("name")
-    v.add_argument("--mac", required=True)
-    v.add_argument("--memory-mib", type=int, default=256)
-    v.add_argument("--vcpus", type=int, default=1)
+    v.add_argument("--spec", type=Path, help="the VM's description, a JSON file (vmspec: disks, nics, ...)")
+    v.add_argument("--mac", help="the MAC of its one NIC (without --spec)")
+    v.add_argument("--memory-mib", type=int)
+    v.add_argument("--vcpus", type=int)
     v.add_argument("--kernel")
     v.add_argument("--initrd")
-    v.add_argument("--cmdline", default="")
+    v.add_argument("--cmdline")
     m = sub.add_parser("migrate", parents=[sock], help="move the primary or the secondary to another host")
     m.add_argument("name")
     m.add_argument("--role", choices=("primary", "secondary"), required=True)
@@ -97,7 +99,7 @@ def cmd_watch(args) -> int:
         print(f"ftctl: error: --secret-file {args.secret_file} is empty", file=sys.stderr)
         return 2
     cfg = watch.WatchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(watch.WatchConfig)})
-    return watch.main(cfg, args.qmp, args.qemu_pid, args.guest)
+    return watch.main(cfg, args.qmp, args.qemu_pid, args.guest, args.nics)
 
 
 def cmd_probe(args) -> int:
@@ -175,8 +177,15 @@ def cmd_status(args) -> int:
 
 
 def cmd_vm_start(args) -> int:
-    body = {"name": args.name, "mac": args.mac, "memory_mib": args.memory_mib, "vcpus": args.vcpus,
-            "kernel": args.kernel, "initrd": args.initrd, "cmdline": args.cmdline}  # fmt: skip
+    """The body is the VM's description (vmspec): --spec's file, the flags given on top of it."""
+    try:
+        body = json.loads(args.spec.read_text()) if args.spec else {}
+    except (OSError, ValueError) as e:
+        print(f"ftctl: {args.spec}: {e}", file=sys.stderr)
+        return 2
+    flags = {"mac": args.mac, "memory_mib": args.memory_mib, "vcpus": args.vcpus, "kernel": args.kernel,
+             "initrd": args.initrd, "cmdline": args.cmdline}  # fmt: skip
+    body |= {"name": args.name} | {k: v for k, v in flags.items() if v is not None}
     return show(args, *request(args, "POST", "/vms", body), changed_line)
 
 

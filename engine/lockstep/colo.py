@@ -23,16 +23,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import re
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 
 from qemu.qmp import QMPClient
 
-from . import probe
+from . import probe, vmspec
 from .qmp import connect
+from .vmspec import VmSpec
 
 
 class Mode(StrEnum):
@@ -44,19 +46,32 @@ class DataPlaneError(Exception):
     pass
 
 
-@dataclass(frozen=True)
-class Guest:
-    """What both sides run. The lab boots a kernel directly; disk_mib gives the guest a
-    replicated virtio disk (each host keeps its own copy, created empty on both sides)."""
-
-    name: str
-    mac: str
-    memory_mib: int = 256
-    vcpus: int = 1
-    kernel: str | None = None
-    initrd: str | None = None
-    cmdline: str = ""
-    disk_mib: int | None = None
+def Guest(
+    name: str,
+    mac: str = "",
+    memory_mib: int = 256,
+    vcpus: int = 1,
+    kernel: str | None = None,
+    initrd: str | None = None,
+    cmdline: str = "",
+    disk_mib: int | None = None,
+    nics: int = 1,
+) -> VmSpec:
+    """The lab's test guest in the earlier flat shape (one MAC, kernel boot, a scratch disk of
+    disk_mib) as a VmSpec; `nics` NICs (the watcher knows only the name and the NIC count)."""
+    spec = vmspec.from_record(
+        {
+            "name": name,
+            "mac": mac,
+            "memory_mib": memory_mib,
+            "vcpus": vcpus,
+            "kernel": kernel,
+            "initrd": initrd,
+            "cmdline": cmdline,
+            "disk_mib": disk_mib,
+        }
+    )
+    return replace(spec, nics=spec.nics + tuple(vmspec.Nic(mac="") for _ in range(nics - 1)))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -120,6 +135,22 @@ class Ports:
     def of_heartbeat(cls, port: int) -> Ports:
         return cls(port - 10)
 
+    def nic(self, index: int) -> NicPorts:
+        """The ports of one NIC's filters: NIC 0 keeps the pair's first ones, NIC i > 0 takes
+        four from base+11 on (a block is PORTS_STEP = 20 wide: vmspec.MAX_NICS = 3)."""
+        if index == 0:
+            return NicPorts(self.mirror, self.compare, self.local_in, self.local_out)
+        first = self.base + 11 + 4 * (index - 1)
+        return NicPorts(first + 1, first + 2, first, first + 3)
+
+
+@dataclass(frozen=True)
+class NicPorts:
+    mirror: int
+    compare: int
+    local_in: int
+    local_out: int
+
 
 async def abort_connections(host: Host, peer_ip: str, ports: Ports) -> None:
     """Abort this pair's TCP connections to a peer that is gone (the kernel's socket destroy,
@@ -128,8 +159,10 @@ async def abort_connections(host: Host, peer_ip: str, ports: Ports) -> None:
     the SYN retries (minutes), a drain for in-flight NBD writes until TCP gives up (longer), and
     the guest stalls with it. Aborted, each fails at once. yank cannot do this: it does not reach
     a connect in progress, and it needs node names QEMU picks."""
-    filt = (f"( dport = :{ports.nbd} or dport = :{ports.migrate} or sport = :{ports.mirror} "
-            f"or sport = :{ports.compare} )")  # fmt: skip
+    nics = [ports.nic(i) for i in range(vmspec.MAX_NICS)]
+    filt = " or ".join([f"dport = :{ports.nbd}", f"dport = :{ports.migrate}",
+                        *(f"sport = :{n.mirror} or sport = :{n.compare}" for n in nics)])  # fmt: skip
+    filt = f"( {filt} )"
     with contextlib.suppress(DataPlaneError):
         await host.run("ss", "-K", "-t", "dst", peer_ip, filt)
 
@@ -145,63 +178,158 @@ async def check_hosts(*hosts: Host) -> None:
         raise DataPlaneError("refused: " + "; ".join(reasons))
 
 
-def tap_name(guest: Guest, role: str) -> str:
-    """The tap of one side of a VM: unique per VM and side within Linux's 15 characters (a cut
-    name would collide: webserver-01 and webserver-02), still readable: ftp-webs1a2b3c4."""
-    digest = hashlib.sha256(guest.name.encode()).hexdigest()[:7]
-    return f"ft{role[0]}-{guest.name[:4]}{digest}"
+def tap_name(guest: VmSpec | str, role: str, nic: int = 0) -> str:
+    """The tap of one NIC of one side of a VM: unique per VM, side and NIC within Linux's 15
+    characters (a cut name would collide: webserver-01 and webserver-02), still readable:
+    ftp-webs1a2b3c4 (NIC 0), ftp1web1a2b3c4 (NIC 1)."""
+    name = guest if isinstance(guest, str) else guest.name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:7]
+    return f"ft{role[0]}-{name[:4]}{digest}" if nic == 0 else f"ft{role[0]}{nic}{name[:3]}{digest}"
 
 
-def disk_path(guest: Guest, host: Host, layer: str = "disk") -> Path:
-    """The guest's disk on a host; the secondary also has the active and hidden overlays of
-    block replication (QEMU's docs/block-replication.txt)."""
-    return host.run_dir / f"{guest.name}.{layer}.{'raw' if layer == 'disk' else 'qcow2'}"
+def tap_names(name: str, role: str) -> list[str]:
+    """Every tap a side of this VM may have (to clean up without its description)."""
+    return [tap_name(name, role, i) for i in range(vmspec.MAX_NICS)]
 
 
-def disk_argv(guest: Guest, host: Host, role: str) -> list[str]:
-    """The disk behind a quorum node colo-disk0: on the primary its one child is the local disk
-    (replication to the secondary is added when replication starts); on the secondary the
-    local disk is written by the primary over NBD while the secondary VM sees it through
-    replication's overlays, which the failover commits."""
-    if not guest.disk_mib:
-        return []
-    disk = disk_path(guest, host)
-    quorum = "driver=quorum,read-pattern=fifo,vote-threshold=1,id=colo-disk0,if=none"
-    if role == "primary":
-        drives = [f"{quorum},children.0.file.filename={disk},children.0.driver=raw"]
-    else:
-        active, hidden = disk_path(guest, host, "active"), disk_path(guest, host, "hidden")
-        drives = [
-            f"if=none,id=parent0,file.filename={disk},driver=raw",
-            f"if=none,id=childs0,driver=replication,mode=secondary,top-id=colo-disk0,file.driver=qcow2,"
-            f"file.file.filename={active},file.backing.driver=qcow2,"
-            f"file.backing.file.filename={hidden},file.backing.backing=parent0",
-            f"{quorum},children.0=childs0",
-        ]
-    return [arg for d in drives for arg in ("-drive", d)] + ["-device", "virtio-blk-pci,drive=colo-disk0"]
+# --- the COLO wiring, derived from the spec: names per disk and per NIC ------------------------
+# Disk 0 and NIC 0 keep the names a one-disk, one-NIC pair has always had (colo-disk0, hn0,
+# mirror0, ...): a running pair of an earlier release is undone and taken over by the same steps.
 
 
-def _common_argv(guest: Guest, host: Host, role: str, tap: str) -> list[str]:
+@dataclass(frozen=True)
+class DiskWiring:
+    index: int
+    disk: vmspec.Disk
+
+    @property
+    def quorum(self) -> str:  # the node the guest's device sees
+        return f"colo-disk{self.index}"
+
+    @property
+    def parent(self) -> str:  # the secondary's copy, exported over NBD under this name
+        return f"parent{self.index}"
+
+    @property
+    def childs(self) -> str:  # the secondary's replication node (active and hidden overlays)
+        return f"childs{self.index}"
+
+    @property
+    def replication(self) -> str:  # the primary's replication node, writing to the secondary
+        return f"replication{self.index}"
+
+    @property
+    def job(self) -> str:  # the drive-mirror that copies the disk to a new secondary
+        return "resync" if self.index == 0 else f"resync{self.index}"
+
+
+@dataclass(frozen=True)
+class NicWiring:
+    index: int
+    nic: vmspec.Nic
+    ports: NicPorts
+
+    def id(self, base: str) -> str:  # hn0, mirror0, ... for NIC 0; hn1, mirror0-n1, ... after
+        if base == "hn":
+            return f"hn{self.index}"
+        return base if self.index == 0 else f"{base}-n{self.index}"
+
+
+def disks(spec: VmSpec) -> list[DiskWiring]:
+    return [DiskWiring(i, d) for i, d in enumerate(spec.disks)]
+
+
+def nics(spec: VmSpec, ports: Ports) -> list[NicWiring]:
+    return [NicWiring(i, n, ports.nic(i)) for i, n in enumerate(spec.nics)]
+
+
+def disk_path(guest: VmSpec, host: Host, layer: str = "disk", index: int = 0) -> Path:
+    """A disk the engine makes on a host: a scratch disk, and on the secondary its copy of each
+    disk and the active and hidden overlays of block replication (QEMU's docs/block-replication.txt).
+    A disk image of the spec is never made: the primary opens it where it is."""
+    n = "" if index == 0 else str(index)
+    return host.run_dir / f"{guest.name}.{layer}{n}.{'raw' if layer == 'disk' else 'qcow2'}"
+
+
+def primary_source(guest: VmSpec, host: Host, w: DiskWiring) -> tuple[str, str]:
+    """(path, format) of the disk the primary runs on."""
+    if w.disk.create:
+        return str(disk_path(guest, host, index=w.index)), "raw"
+    return w.disk.path, w.disk.format
+
+
+def disk_commands(guest: VmSpec, host: Host, role: str, sizes: dict[int, int]) -> list[list[str]]:
+    """The qemu-img commands that make a side's engine-made disks before its QEMU starts: the
+    primary's scratch disks (empty at every start); the secondary's copy of every disk and its
+    overlays, of the disk's size in bytes (sizes[i], read from the image) - a drive-mirror fills
+    the copy. A disk image is never created or emptied: a VM started again keeps its contents."""
+    out = []
+    for w in disks(guest):
+        layers = ("disk", "active", "hidden") if role == "secondary" else ("disk",) * w.disk.create
+        for layer in layers:
+            size = f"{w.disk.size_mib}M" if w.disk.create else str(sizes[w.index])
+            path = disk_path(guest, host, layer, w.index)
+            out.append(["qemu-img", "create", "-q", "-f", path.suffix[1:], str(path), size])
+    return out
+
+
+def disk_argv(guest: VmSpec, host: Host, role: str) -> list[str]:
+    """Each disk behind a quorum node colo-disk<i>: on the primary its one child is the disk
+    (replication to the secondary is added when replication starts); on the secondary its copy
+    is written by the primary over NBD while the secondary VM sees it through replication's
+    overlays, which the failover commits."""
+    argv: list[str] = []
+    ws = disks(guest)
+    if any(w.disk.bus == "virtio-scsi" for w in ws):
+        argv += ["-device", "virtio-scsi-pci,id=scsi0"]
+    for w in ws:
+        quorum = f"driver=quorum,read-pattern=fifo,vote-threshold=1,id={w.quorum},if=none"
+        if role == "primary":
+            path, fmt = primary_source(guest, host, w)
+            drives = [f"{quorum},children.0.file.filename={path},children.0.driver={fmt}"]
+        else:
+            disk = disk_path(guest, host, index=w.index)
+            active, hidden = (disk_path(guest, host, layer, w.index) for layer in ("active", "hidden"))
+            drives = [
+                f"if=none,id={w.parent},file.filename={disk},driver=raw",
+                f"if=none,id={w.childs},driver=replication,mode=secondary,top-id={w.quorum},file.driver=qcow2,"
+                f"file.file.filename={active},file.backing.driver=qcow2,"
+                f"file.backing.file.filename={hidden},file.backing.backing={w.parent}",
+                f"{quorum},children.0={w.childs}",
+            ]
+        boot = ",bootindex=1" if w.index == 0 and guest.kernel is None else ""
+        device = (f"virtio-blk-pci,drive={w.quorum}" if w.disk.bus == "virtio-blk"
+                  else f"scsi-hd,bus=scsi0.0,drive={w.quorum}")  # fmt: skip
+        argv += [arg for d in drives for arg in ("-drive", d)] + ["-device", device + boot]
+    return argv
+
+
+def _common_argv(guest: VmSpec, host: Host, role: str) -> list[str]:
+    smp = (
+        str(guest.vcpus)
+        if guest.sockets is None
+        else f"{guest.vcpus},sockets={guest.sockets},cores={guest.cores}"
+    )
     argv = [
         *host.prefix,
         *host.qemu,
         "-name",
         f"{guest.name} ({role})",
+        *(["-machine", guest.machine] if guest.machine else []),
         "-accel",
         host.accel,
         "-cpu",
-        "qemu64" if host.accel == "tcg" else "host",
+        guest.cpu_model or ("qemu64" if host.accel == "tcg" else "host"),
         "-m",
         str(guest.memory_mib),
         "-smp",
-        str(guest.vcpus),
+        smp,
         "-nodefaults",
         "-display",
         "none",
         "-no-user-config",
         "-no-shutdown",  # a guest powering off leaves QEMU up: the engine stops the pair, no failover
-        "-serial",
-        f"file:{host.run_dir / f'{guest.name}.{role}.console'}",
+        *(["-serial", f"file:{host.run_dir / f'{guest.name}.{role}.console'}"] if guest.serial else []),
         "-qmp",
         f"unix:{host.run_dir / f'{guest.name}.{role}.qmp'},server=on,wait=off",
         "-qmp",  # a second monitor for the engine's watcher (watch.py)
@@ -212,41 +340,63 @@ def _common_argv(guest: Guest, host: Host, role: str, tap: str) -> list[str]:
             if host.diagnostic_monitor
             else []
         ),
-        "-netdev",
-        f"tap,id=hn0,ifname={tap},script=no,downscript=no,vhost=off",
-        "-device",
-        f"virtio-net-pci,netdev=hn0,mac={guest.mac},romfile=",
     ]
+    for i, nic in enumerate(guest.nics):
+        argv += [
+            "-netdev",
+            f"tap,id=hn{i},ifname={tap_name(guest, role, i)},script=no,downscript=no,vhost=off",
+            "-device",
+            f"{nic.model},netdev=hn{i},mac={nic.mac},romfile=",
+        ]
     if guest.kernel:
         argv += ["-kernel", guest.kernel, "-initrd", guest.initrd or "", "-append", guest.cmdline]
     return argv + disk_argv(guest, host, role)
 
 
-def primary_argv(guest: Guest, host: Host, ports: Ports) -> list[str]:
+def primary_chardevs(guest: VmSpec, host: Host, ports: Ports) -> list[tuple[str, str, int, bool]]:
+    """(id, address, port, server) of the sockets the primary's COLO filters use, per NIC."""
+    ip = host.ft_ip
+    return [
+        c
+        for w in nics(guest, ports)
+        for c in (
+            (w.id("mirror0"), ip, w.ports.mirror, True),
+            (w.id("compare1"), ip, w.ports.compare, True),
+            (w.id("compare0"), "127.0.0.1", w.ports.local_in, True),
+            (w.id("compare0-0"), "127.0.0.1", w.ports.local_in, False),
+            (w.id("compare_out"), "127.0.0.1", w.ports.local_out, True),
+            (w.id("compare_out0"), "127.0.0.1", w.ports.local_out, False),
+        )
+    ]
+
+
+def primary_argv(guest: VmSpec, host: Host, ports: Ports) -> list[str]:
     """The primary boots like any VM; its COLO filters are added just before replication starts
     (colo-compare holds all output until then)."""
-    ip = host.ft_ip
-    return _common_argv(guest, host, "primary", tap_name(guest, "primary")) + [
-        "-chardev", f"socket,id=mirror0,host={ip},port={ports.mirror},server=on,wait=off",
-        "-chardev", f"socket,id=compare1,host={ip},port={ports.compare},server=on,wait=off",
-        "-chardev", f"socket,id=compare0,host=127.0.0.1,port={ports.local_in},server=on,wait=off",
-        "-chardev", f"socket,id=compare0-0,host=127.0.0.1,port={ports.local_in}",
-        "-chardev", f"socket,id=compare_out,host=127.0.0.1,port={ports.local_out},server=on,wait=off",
-        "-chardev", f"socket,id=compare_out0,host=127.0.0.1,port={ports.local_out}",
-    ]  # fmt: skip
-
-
-def secondary_argv(guest: Guest, host: Host, primary: Host, ports: Ports, mode: Mode) -> list[str]:
-    p = primary.ft_ip
-    argv = _common_argv(guest, host, "secondary", tap_name(guest, "secondary"))
-    if mode is Mode.LOCKSTEP:
+    argv = _common_argv(guest, host, "primary")
+    for label, ip, port, server in primary_chardevs(guest, host, ports):
         argv += [
-            "-chardev", f"socket,id=red0,host={p},port={ports.mirror},reconnect=1",
-            "-chardev", f"socket,id=red1,host={p},port={ports.compare},reconnect=1",
-            "-object", "filter-redirector,id=f1,netdev=hn0,queue=tx,indev=red0,vnet_hdr_support=on",
-            "-object", "filter-redirector,id=f2,netdev=hn0,queue=rx,outdev=red1,vnet_hdr_support=on",
-            "-object", "filter-rewriter,id=rew0,netdev=hn0,queue=all,vnet_hdr_support=on",
-        ]  # fmt: skip
+            "-chardev",
+            f"socket,id={label},host={ip},port={port}" + (",server=on,wait=off" if server else ""),
+        ]
+    return argv
+
+
+def secondary_argv(guest: VmSpec, host: Host, primary: Host, ports: Ports, mode: Mode) -> list[str]:
+    p = primary.ft_ip
+    argv = _common_argv(guest, host, "secondary")
+    if mode is Mode.LOCKSTEP:
+        for w in nics(guest, ports):
+            hn = w.id("hn")
+            argv += [
+                "-chardev", f"socket,id={w.id('red0')},host={p},port={w.ports.mirror},reconnect=1",
+                "-chardev", f"socket,id={w.id('red1')},host={p},port={w.ports.compare},reconnect=1",
+                "-object", f"filter-redirector,id={w.id('f1')},netdev={hn},queue=tx,indev={w.id('red0')},"
+                           "vnet_hdr_support=on",
+                "-object", f"filter-redirector,id={w.id('f2')},netdev={hn},queue=rx,outdev={w.id('red1')},"
+                           "vnet_hdr_support=on",
+                "-object", f"filter-rewriter,id={w.id('rew0')},netdev={hn},queue=all,vnet_hdr_support=on",
+            ]  # fmt: skip
     else:
         argv += ["-S"]  # passive: loads checkpoints, runs only after failover
     return argv + ["-incoming", f"tcp:{host.ft_ip}:{ports.migrate}"]
@@ -272,20 +422,25 @@ class Vm:
         return self.host.run_dir / f"{self.guest.name}.{self.role}.engine.qmp"
 
     async def start(self, argv: list[str], tap_up: bool) -> None:
-        tap = tap_name(self.guest, self.role)
-        # the name is this VM's and side's alone: a tap left by its own dead QEMU may go
-        with contextlib.suppress(DataPlaneError):
-            await self.host.run("ip", "link", "del", tap)
-        await self.host.run("ip", "tuntap", "add", tap, "mode", "tap")
-        await self.host.run("ip", "link", "set", tap, "master", self.host.bridge)
-        if tap_up:
-            await self.host.run("ip", "link", "set", tap, "up")
-        if self.guest.disk_mib:  # a fresh, empty disk on both sides: identical at the start
-            size = f"{self.guest.disk_mib}M"
-            layers = ("disk", "active", "hidden") if self.role == "secondary" else ("disk",)
-            for layer in layers:
-                path = disk_path(self.guest, self.host, layer)
-                await self.host.run("qemu-img", "create", "-q", "-f", path.suffix[1:], str(path), size)
+        for i, nic in enumerate(self.guest.nics):
+            tap = tap_name(self.guest, self.role, i)
+            # the name is this VM's, side's and NIC's alone: a tap left by its own dead QEMU may go
+            with contextlib.suppress(DataPlaneError):
+                await self.host.run("ip", "link", "del", tap)
+            await self.host.run("ip", "tuntap", "add", tap, "mode", "tap")
+            await self.host.run("ip", "link", "set", tap, "master", nic.bridge or self.host.bridge)
+            if tap_up:
+                await self.host.run("ip", "link", "set", tap, "up")
+        sizes = {}
+        if self.role == "secondary":  # its copies are as large as the primary's disks
+            for w in disks(self.guest):
+                if not w.disk.create:
+                    info = await asyncio.to_thread(vmspec.image_info, w.disk.path, self.host.prefix)
+                    if "virtual-size" not in info:
+                        raise DataPlaneError(f"{self.host.name}: cannot read the size of {w.disk.path}")
+                    sizes[w.index] = info["virtual-size"]
+        for cmd in disk_commands(self.guest, self.host, self.role, sizes):
+            await self.host.run(*cmd)
         self.qmp_path.unlink(missing_ok=True)
         self.log = self.host.run_dir / f"{self.guest.name}.{self.role}.log"
         with open(self.log, "wb") as out:
@@ -319,23 +474,37 @@ class Vm:
 # virtio-net header: each filter and colo-compare must be told (vnet_hdr_support), or
 # colo-compare cannot parse a packet, calls it unsupported and releases it at once - no
 # output commit at all, and a failover loses the client's connection.
-COLO_FILTERS = [
-    {"qom-type": "filter-mirror", "id": "m0", "netdev": "hn0", "queue": "tx", "outdev": "mirror0",
-     "vnet_hdr_support": True},
-    {"qom-type": "filter-redirector", "id": "redire0", "netdev": "hn0", "queue": "rx",
-     "indev": "compare_out", "vnet_hdr_support": True},
-    {"qom-type": "filter-redirector", "id": "redire1", "netdev": "hn0", "queue": "rx",
-     "outdev": "compare0", "vnet_hdr_support": True},
-    {"qom-type": "iothread", "id": "iothread1"},
-    {"qom-type": "colo-compare", "id": "comp0", "primary_in": "compare0-0", "secondary_in": "compare1",
-     "outdev": "compare_out0", "iothread": "iothread1", "vnet_hdr_support": True},
-]  # fmt: skip
+def nic_filters(w: NicWiring, mode: Mode) -> list[dict]:
+    """The objects one NIC of the primary gets for replication, in creation order (a passive twin
+    runs nothing, so nothing is mirrored to it); colo-compare runs in iothread1 (NIC 0 makes it)."""
+    hn = w.id("hn")
+    out = [
+        {"qom-type": "filter-mirror", "id": w.id("m0"), "netdev": hn, "queue": "tx",
+         "outdev": w.id("mirror0"), "vnet_hdr_support": True},
+        {"qom-type": "filter-redirector", "id": w.id("redire0"), "netdev": hn, "queue": "rx",
+         "indev": w.id("compare_out"), "vnet_hdr_support": True},
+        {"qom-type": "filter-redirector", "id": w.id("redire1"), "netdev": hn, "queue": "rx",
+         "outdev": w.id("compare0"), "vnet_hdr_support": True},
+        *([{"qom-type": "iothread", "id": "iothread1"}] if w.index == 0 else []),
+        {"qom-type": "colo-compare", "id": w.id("comp0"), "primary_in": w.id("compare0-0"),
+         "secondary_in": w.id("compare1"), "outdev": w.id("compare_out0"), "iothread": "iothread1",
+         "vnet_hdr_support": True},
+    ]  # fmt: skip
+    return out if mode is Mode.LOCKSTEP else out[1:]
 
 
-def colo_filters(mode: Mode) -> list[dict]:
-    """The objects the primary gets for replication, in creation order (a passive twin runs
-    nothing, so nothing is mirrored to it)."""
-    return COLO_FILTERS if mode is Mode.LOCKSTEP else COLO_FILTERS[1:]
+def primary_filters(guest: VmSpec, mode: Mode) -> list[dict]:
+    return [f for w in nics(guest, Ports()) for f in nic_filters(w, mode)]
+
+
+COLO_FILTERS = primary_filters(Guest("x"), Mode.LOCKSTEP)  # one NIC's
+# every COLO object a primary may have, in the order they are deleted (colo-compare before the
+# iothread it runs in): what the undo looks for in a QEMU whose description it does not have
+UNDO_ORDER = [f["id"] for f in reversed(primary_filters(Guest("x", nics=vmspec.MAX_NICS), Mode.LOCKSTEP))]
+
+
+def _is_resync(device: str) -> bool:
+    return re.fullmatch(r"resync\d*", device) is not None
 
 
 async def enter_colo(primary: Vm, secondary: Vm, ports: Ports, checkpoint_ms: int, mode: Mode) -> None:
@@ -348,33 +517,39 @@ async def enter_colo(primary: Vm, secondary: Vm, ports: Ports, checkpoint_ms: in
 async def prepare_secondary(secondary: Vm, ports: Ports) -> None:
     """The waiting secondary's side of entering replication (on its own host)."""
     await secondary.execute("migrate-set-capabilities", COLO_CAPABILITY)
-    if secondary.guest.disk_mib:  # the primary's writes go to the secondary's disk too, over NBD
+    if ws := disks(secondary.guest):  # the primary's writes go to the secondary's disks too, over NBD
         nbd = {"type": "inet", "data": {"host": secondary.host.ft_ip, "port": str(ports.nbd)}}
         await secondary.execute("nbd-server-start", {"addr": nbd})
-        await secondary.execute("nbd-server-add", {"device": "parent0", "writable": True})
+        for w in ws:
+            await secondary.execute("nbd-server-add", {"device": w.parent, "writable": True})
 
 
 async def start_replication(
     primary: Vm, secondary_ip: str, ports: Ports, checkpoint_ms: int, mode: Mode, stall: float = 15.0
 ) -> None:
-    """The primary's side: copy and replicate the disk, add the filters, start checkpointing.
+    """The primary's side: copy and replicate the disks, add the filters, start checkpointing.
     A copy that makes no progress for `stall` seconds (the secondary's host died, its link went)
     fails; the caller then undoes it all with primary_continue_alone(peer_lost=True)."""
-    if primary.guest.disk_mib:
-        await resync_disk(primary, secondary_ip, ports, stall)
+    if ws := disks(primary.guest):
+        await resync_disks(primary, secondary_ip, ports, stall)
         await reachable(primary.host, secondary_ip, ports.nbd)
-        await hmp(primary, f"drive_add -n buddy driver=replication,mode=primary,file.driver=nbd,"
-                           f"file.host={secondary_ip},file.port={ports.nbd},file.export=parent0,"
-                           f"node-name=replication0")  # fmt: skip
-        await primary.execute("x-blockdev-change", {"parent": "colo-disk0", "node": "replication0"})
+        for w in ws:
+            await hmp(primary, f"drive_add -n buddy driver=replication,mode=primary,file.driver=nbd,"
+                               f"file.host={secondary_ip},file.port={ports.nbd},file.export={w.parent},"
+                               f"node-name={w.replication}")  # fmt: skip
+            await primary.execute("x-blockdev-change", {"parent": w.quorum, "node": w.replication})
     await add_primary_chardevs(primary, ports, mode)
     objects = {o["name"] for o in await primary.execute("qom-list", {"path": "/objects"})}
-    for f in colo_filters(mode):
-        if f["id"] in objects:  # left by an earlier attempt that was not undone
-            continue
-        if "rew0" in objects and f["qom-type"].startswith("filter-"):  # a former lockstep secondary:
-            f = f | {"insert": "before", "position": "id=rew0"}  # its rewriter stays last
-        await primary.execute("object-add", f)
+    for w in nics(primary.guest, ports):
+        for f in nic_filters(w, mode):
+            if f["id"] in objects:  # left by an earlier attempt that was not undone
+                continue
+            if w.id("rew0") in objects and f["qom-type"].startswith("filter-"):  # a former lockstep
+                f = f | {
+                    "insert": "before",
+                    "position": f"id={w.id('rew0')}",
+                }  # secondary: its rewriter stays last
+            await primary.execute("object-add", f)
     await primary.execute("migrate-set-capabilities", COLO_CAPABILITY)
     await primary.execute("migrate-set-parameters", {"x-checkpoint-delay": checkpoint_ms})
     await primary.execute("migrate", {"uri": f"tcp:{secondary_ip}:{ports.migrate}"})
@@ -420,39 +595,44 @@ class Progress:
 
 
 async def nic_driver_ready(vm: Vm) -> bool:
-    """Whether the guest's virtio-net driver has set its NIC up (DRIVER_OK). A guest whose NIC
+    """Whether the guest's virtio-net drivers have set every NIC up (DRIVER_OK). A guest whose NIC
     driver started after replication had begun heard nothing after a failover in the lab (the
     stream and new connections dead, ARP unanswered); one whose driver was up first fails over
-    cleanly. So replication starts only once the driver is up (ADR 0004)."""
+    cleanly. So replication starts only once the drivers are up (ADR 0004)."""
     for device in await vm.execute("x-query-virtio"):
         if device["name"] == "virtio-net":
             status = await vm.execute("x-query-virtio-status", {"path": device["path"]})
-            return any(s.startswith("VIRTIO_CONFIG_S_DRIVER_OK") for s in status["status"]["statuses"])
+            if not any(s.startswith("VIRTIO_CONFIG_S_DRIVER_OK") for s in status["status"]["statuses"]):
+                return False
     return True
 
 
-async def resync_disk(primary: Vm, secondary_ip: str, ports: Ports, stall: float) -> None:
-    """Make the secondary's disk a copy of the primary's before replication starts (QEMU's
-    COLO-FT.txt, "resume replication"): mirror it over NBD until the copy has caught up, then
-    stop the VM and end the mirror; replication then carries every later write, and entering
-    COLO resumes the VM (a failure from here on is undone by primary_continue_alone, which
-    resumes it). The copy counts only if the job ended without an error."""
-    target = f"nbd://{secondary_ip}:{ports.nbd}/parent0"
+async def resync_disks(primary: Vm, secondary_ip: str, ports: Ports, stall: float) -> None:
+    """Make the secondary's disks copies of the primary's before replication starts (QEMU's
+    COLO-FT.txt, "resume replication"): mirror each over NBD until every copy has caught up,
+    then stop the VM and end the mirrors; replication then carries every later write, and
+    entering COLO resumes the VM (a failure from here on is undone by primary_continue_alone,
+    which resumes it). The copies count only if every job ended without an error."""
+    ws = disks(primary.guest)
     await reachable(primary.host, secondary_ip, ports.nbd)
-    await primary.execute("drive-mirror", {"device": "colo-disk0", "job-id": "resync", "target": target,
-                                           "mode": "existing", "format": "raw", "sync": "full"})  # fmt: skip
+    for w in ws:
+        target = f"nbd://{secondary_ip}:{ports.nbd}/{w.parent}"
+        mirror = {"device": w.quorum, "job-id": w.job, "target": target, "mode": "existing",
+                  "format": "raw", "sync": "full"}  # fmt: skip
+        await primary.execute("drive-mirror", mirror)
     progress = Progress("the disk copy", stall)
     while True:
-        (job,) = [j for j in await primary.execute("query-block-jobs") if j["device"] == "resync"] or [None]
-        if job is None:
-            raise DataPlaneError("the disk copy ended before it caught up")
-        if job.get("ready"):
+        jobs = {j["device"]: j for j in await primary.execute("query-block-jobs")}
+        if missing := [w.job for w in ws if w.job not in jobs]:
+            raise DataPlaneError(f"the disk copy {', '.join(missing)} ended before it caught up")
+        if all(jobs[w.job].get("ready") for w in ws):
             break
-        progress.check(job.get("offset"))
+        progress.check(tuple(jobs[w.job].get("offset") for w in ws))
         await asyncio.sleep(0.1)
     await primary.execute("stop")
-    await primary.execute("block-job-cancel", {"device": "resync"})  # a ready mirror: completes
-    while any(j["device"] == "resync" for j in await primary.execute("query-block-jobs")):
+    for w in ws:
+        await primary.execute("block-job-cancel", {"device": w.job})  # a ready mirror: completes
+    while any(_is_resync(j["device"]) for j in await primary.execute("query-block-jobs")):
         progress.check(None)
         await asyncio.sleep(0.05)
 
@@ -471,39 +651,36 @@ async def add_primary_chardevs(vm: Vm, ports: Ports, mode: Mode) -> None:
     command line; a former secondary about to protect itself again (re-protection after a
     failover) gets them here, as QEMU's docs/COLO-FT.txt describes."""
     have = {c["label"] for c in await vm.execute("query-chardev")}
-    ip = vm.host.ft_ip
-    wanted = [
-        ("mirror0", ip, ports.mirror, True),
-        ("compare1", ip, ports.compare, True),
-        ("compare0", "127.0.0.1", ports.local_in, True),
-        ("compare0-0", "127.0.0.1", ports.local_in, False),
-        ("compare_out", "127.0.0.1", ports.local_out, True),
-        ("compare_out0", "127.0.0.1", ports.local_out, False),
-    ]
-    for label, host, port, server in wanted:
-        if label not in have and (mode is Mode.LOCKSTEP or label != "mirror0"):
+    mirrors = {w.id("mirror0") for w in nics(vm.guest, ports)}
+    for label, host, port, server in primary_chardevs(vm.guest, vm.host, ports):
+        if label not in have and (mode is Mode.LOCKSTEP or label not in mirrors):
             await vm.execute("chardev-add", {"id": label, "backend": _socket(host, port, server)})
 
 
 async def secondary_takeover(secondary: Vm, mode: Mode) -> None:
     """The primary is lost: the secondary leaves replication, joins the VM network and runs on.
-    The caller must have won the split-brain token first (arbiter.claim)."""
-    if await secondary.execute("query-block-exports"):  # its disk was written over NBD until now
+    The caller must have won the split-brain token first (arbiter.claim). Of the VM's
+    description it needs only the NIC count (the watcher's --nics)."""
+    if await secondary.execute("query-block-exports"):  # its disks were written over NBD until now
         await secondary.execute("nbd-server-stop")
     await secondary.execute("x-colo-lost-heartbeat")
+    ws = nics(secondary.guest, Ports())
     if mode is Mode.LOCKSTEP:
-        for obj in ("f2", "f1"):
-            await secondary.execute("object-del", {"id": obj})
-        for dev in ("red1", "red0"):
-            await secondary.execute("chardev-remove", {"id": dev})
+        for w in ws:
+            for obj in ("f2", "f1"):
+                await secondary.execute("object-del", {"id": w.id(obj)})
+            for dev in ("red1", "red0"):
+                await secondary.execute("chardev-remove", {"id": w.id(dev)})
     # A packet the guest sent into the removed redirector path can be left waiting for a
     # completion that never comes, and virtio-net sends nothing more until it does. Taking the
     # link down purges the netdev's queue, which completes every pending send.
-    for up in (False, True):
-        await secondary.execute("set_link", {"name": "hn0", "up": up})
+    for w in ws:
+        for up in (False, True):
+            await secondary.execute("set_link", {"name": w.id("hn"), "up": up})
     if not (await secondary.execute("query-status"))["running"]:
         await secondary.execute("cont")
-    await secondary.host.run("ip", "link", "set", tap_name(secondary.guest, "secondary"), "up")
+    for w in ws:
+        await secondary.host.run("ip", "link", "set", tap_name(secondary.guest, "secondary", w.index), "up")
     await announce(secondary)
 
 
@@ -517,21 +694,24 @@ async def primary_continue_alone(primary: Vm, mode: Mode, peer_lost: bool = Fals
         hung = [i for i in instances if i["type"] in ("migration", "block-node")]
         if hung:
             await primary.execute("yank", {"instances": hung})
-    if any(j["device"] == "resync" for j in await primary.execute("query-block-jobs")):
-        await primary.execute("block-job-cancel", {"device": "resync", "force": True})
+    for job in await primary.execute("query-block-jobs"):
+        if _is_resync(job["device"]):
+            await primary.execute("block-job-cancel", {"device": job["device"], "force": True})
     migration = (await primary.execute("query-migrate")).get("status")
     if migration in ("setup", "active", "pre-switchover", "device"):
         await primary.execute("migrate_cancel")
-    if await has_block_node(primary, "replication0"):  # stop writing to the lost secondary's disk
-        await primary.execute("x-blockdev-change", {"parent": "colo-disk0", "child": "children.1"})
-        await hmp(primary, "drive_del replication0")
+    nodes = await primary.execute("query-named-block-nodes", {"flat": True})
+    for name in sorted({n.get("node-name") or "" for n in nodes}):
+        if m := re.fullmatch(r"replication(\d+)", name):  # stop writing to the lost secondary's disk
+            await primary.execute("x-blockdev-change", {"parent": f"colo-disk{m[1]}", "child": "children.1"})
+            await hmp(primary, f"drive_del {name}")
     objects = {o["name"] for o in await primary.execute("qom-list", {"path": "/objects"})}
-    for f in reversed(COLO_FILTERS):  # colo-compare before the iothread it runs in
-        if f["id"] in objects:
-            await primary.execute("object-del", {"id": f["id"]})
+    for obj in UNDO_ORDER:
+        if obj in objects:
+            await primary.execute("object-del", {"id": obj})
     if (await primary.execute("query-colo-status"))["mode"] == "primary":
         await primary.execute("x-colo-lost-heartbeat")
-    while any(j["device"] == "resync" for j in await primary.execute("query-block-jobs")):
+    while any(_is_resync(j["device"]) for j in await primary.execute("query-block-jobs")):
         await asyncio.sleep(0.05)
     if (await primary.execute("query-status"))["status"] in ("paused", "postmigrate"):
         await primary.execute("cont")

@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ from dataclasses import asdict
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
-from . import accel, api, colo, probe, records
+from . import accel, api, colo, probe, vmspec
 from .config import Config
 from .events import EventLog
 from .local import LocalProcesses
@@ -39,9 +38,6 @@ from .qmp import connect
 from .state import FtState
 from .stats import free_mib, ft_tx_bytes
 from .store import RecordStore, StoreUnavailable
-
-MAC = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
-GUEST_FIELDS = ("name", "memory_mib", "vcpus", "mac", "kernel", "initrd", "cmdline", "disk_mib")
 
 
 class Daemon:
@@ -58,6 +54,7 @@ class Daemon:
         self.local = LocalProcesses(cfg.run_dir / "lockstepd.json")
         self.peers = Peers(cfg.hosts, cfg.peer_port, cfg.secret)
         self.drivers: dict[str, PairDriver] = {}
+        self.machines: frozenset[str] = frozenset()  # the machine types this host's QEMU runs (probe)
         self.cluster: Cluster | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.store_problem: str | None = None
@@ -76,6 +73,7 @@ class Daemon:
         lock = api.hold_lock(self.cfg.socket)  # before anything: a second daemon must touch nothing
         write_secret_file(self.cfg)
         caps = await asyncio.to_thread(probe.probe, list(self.cfg.qemu))
+        self.machines = caps.machines
         mode = colo.Mode(self.cfg.mode if self.cfg.mode != "auto" else caps.default_mode(self.host.accel))
         self.cluster = Cluster(self.cfg, self.host, mode, caps.build, self.store, self.local, self.peers,
                                self.events, ft_interface(self.cfg.ft_ip))  # fmt: skip
@@ -99,22 +97,21 @@ class Daemon:
             if not entry.qemu.alive():  # it died while the daemon was away: nothing of it stays
                 if entry.watcher is not None and entry.watcher.alive():
                     await entry.watcher.kill()
-                with contextlib.suppress(colo.DataPlaneError):
-                    await self.host.run(
-                        "ip", "link", "del", colo.tap_name(colo.Guest(name=name, mac=""), entry.slot)
-                    )
+                for tap in colo.tap_names(name, entry.slot):
+                    with contextlib.suppress(colo.DataPlaneError):
+                        await self.host.run("ip", "link", "del", tap)
                 self.events.emit(
                     "dropped", vm=name, role=entry.role, pid=entry.qemu.pid, why="exited meanwhile"
                 )
                 continue
             self.local.entries[name] = entry
             driver = self.driver(name)
-            vm = colo.Vm(colo.Guest(name=name, mac=""), self.host, entry.slot)
+            vm = colo.Vm(colo.Guest(name=name), self.host, entry.slot)
             try:
                 vm.qmp = await connect(str(vm.qmp_path), 5, name=f"{name}.{entry.slot}")
                 record = await self.store.load(name)
                 if record is not None:
-                    vm.guest = colo.Guest(**record.guest)
+                    vm.guest = vmspec.from_record(record.guest)
                 driver.attach(vm)
             except Exception as e:
                 self.events.emit("adopt_incomplete", vm=name, detail=f"{type(e).__name__}: {e}")
@@ -339,34 +336,27 @@ class Daemon:
         return generate_latest(self.registry)
 
     async def op_vm_start(self, body) -> dict:
-        guest = guest_from(body)
-        return await self.driver(guest.name).submit("vm_start", guest=guest)
+        """Start a VM from its description, checked first against this host (its datastore,
+        images, bridges, QEMU build) and the other pairs (their MACs and images): every reason
+        at once, nothing started."""
+        spec = spec_from(body)
+        others = {n: vmspec.from_record(r.guest) for n, r in (await self.store.load_all()).items()}
+        facts = await asyncio.to_thread(vmspec.host_facts, spec, self.cfg.datastore, self.cfg.bridge,
+                                        set(self.machines), self.host.prefix)  # fmt: skip
+        if problems := vmspec.check_host(spec, facts, others):
+            raise api.ApiError(400, "refused: " + "; ".join(problems), reasons=problems)
+        return await self.driver(spec.name).submit("vm_start", guest=spec)
 
     async def peer_info(self, body) -> dict:
         return {"host": self.cfg.host, "free_mib": free_mib(), "build": self.cluster.build}
 
 
-def guest_from(body: dict) -> colo.Guest:
-    problems = []
-    name = body.get("name")
-    if not isinstance(name, str) or not records.NAME.match(name):
-        problems.append("name must be 1-31 lower-case letters, digits or dashes")
-    for key, low, high in (("memory_mib", 64, 1 << 20), ("vcpus", 1, 64)):
-        value = body.get(key, 256 if key == "memory_mib" else 1)
-        if not isinstance(value, int) or not low <= value <= high:
-            problems.append(f"{key} must be a whole number from {low} to {high}")
-    if not isinstance(body.get("mac"), str) or not MAC.match(body["mac"]):
-        problems.append("mac must be a MAC address like 52:54:00:12:34:56")
-    disk = body.get("disk_mib")
-    if disk is not None and (not isinstance(disk, int) or not 1 <= disk <= 1 << 24):
-        problems.append("disk_mib must be a whole number from 1 to 16777216")
-    if unknown := set(body) - set(GUEST_FIELDS):
-        problems.append(f"unknown fields: {', '.join(sorted(unknown))}")
-    if problems:
-        raise api.ApiError(400, "; ".join(problems))
-    return colo.Guest(name=name, mac=body["mac"], memory_mib=body.get("memory_mib", 256),
-                      vcpus=body.get("vcpus", 1), kernel=body.get("kernel"), initrd=body.get("initrd"),
-                      cmdline=body.get("cmdline", ""), disk_mib=body.get("disk_mib"))  # fmt: skip
+def spec_from(body: dict) -> vmspec.VmSpec:
+    """The API's VM body as a VmSpec: 400 with every problem at once."""
+    try:
+        return vmspec.parse(body)
+    except vmspec.SpecError as e:
+        raise api.ApiError(400, str(e), reasons=e.problems) from None
 
 
 def ft_interface(ip: str) -> str | None:

@@ -16,10 +16,10 @@ import contextlib
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-from . import api, arbiter, colo, failover, placement
+from . import api, arbiter, colo, failover, placement, vmspec
 from .config import Config
 from .events import EventLog
 from .failover import Outcome
@@ -370,7 +370,7 @@ class PairDriver:
     # --- this host's processes -----------------------------------------------------------
 
     async def launch(self, record: Record, slot: str, argv: list[str], tap_up: bool) -> colo.Vm:
-        vm = colo.Vm(colo.Guest(**record.guest), self.c.host, slot)
+        vm = colo.Vm(vmspec.from_record(record.guest), self.c.host, slot)
         await vm.start(argv, tap_up=tap_up)
         self.attach(vm)
         self.c.local.put(Local(self.name, slot, slot, Proc.of(vm.proc.pid), record.generation))
@@ -396,10 +396,9 @@ class PairDriver:
             await entry.watcher.kill()
         gone = await entry.qemu.kill()
         if gone:  # its tap is this VM's and side's alone (colo.tap_name)
-            with contextlib.suppress(colo.DataPlaneError):
-                await self.c.host.run(
-                    "ip", "link", "del", colo.tap_name(colo.Guest(name=self.name, mac=""), entry.slot)
-                )
+            for tap in colo.tap_names(self.name, entry.slot):
+                with contextlib.suppress(colo.DataPlaneError):
+                    await self.c.host.run("ip", "link", "del", tap)
         self.c.local.pop(self.name)
         self.c.events.emit(
             "dropped",
@@ -413,7 +412,7 @@ class PairDriver:
 
     # --- operations (the local API; only the primary's host takes them) -------------------
 
-    async def on_vm_start(self, guest: colo.Guest) -> dict:
+    async def on_vm_start(self, guest: vmspec.VmSpec) -> dict:
         """Start an unprotected VM here (its record created first, exclusively, so a VM of that
         name started on another host at the same time loses cleanly)."""
         existing = await self.c.store.load(self.name)
@@ -424,7 +423,7 @@ class PairDriver:
         base = await self.c.store.call(reserve_ports, self.name)
         record = Record(
             name=self.name,
-            guest=asdict(guest),
+            guest=vmspec.to_dict(guest),
             primary=Side(self.c.me, "primary"),
             ports_base=base,
             mode=str(self.c.mode),
@@ -737,7 +736,7 @@ class PairDriver:
             name=record.primary.host, ft_ip=self.c.cfg.hosts[record.primary.host], run_dir=Path()
         )
         ports = colo.Ports(record.ports_base)
-        guest = colo.Guest(**record.guest)
+        guest = vmspec.from_record(record.guest)
         argv = colo.secondary_argv(guest, self.c.host, primary, ports, colo.Mode(record.mode))
         vm = await self.launch(record, "secondary", argv, tap_up=False)
         await colo.prepare_secondary(vm, ports)
@@ -787,7 +786,7 @@ def watcher_argv(c: Cluster, record: Record, vm: colo.Vm, pid: int, role: str, p
         "--me", c.me, "--listen", f"{c.cfg.ft_ip}:{ports.heartbeat}",
         "--peer", f"{c.cfg.hosts[peer]}:{ports.heartbeat}", "--datastore", str(c.cfg.datastore),
         "--mode", record.mode, "--qmp", str(vm.engine_qmp_path), "--qemu-pid", str(pid),
-        "--guest", record.name, "--timeout", str(c.cfg.watch_timeout),
+        "--guest", record.name, "--nics", str(len(vm.guest.nics)), "--timeout", str(c.cfg.watch_timeout),
         "--secret-file", str(secret_file(c.cfg)),
         *(["--datastore-id", c.cfg.datastore_id] if c.cfg.datastore_id else []),
         *(["--vm-uplink", c.cfg.vm_uplink] if c.cfg.vm_uplink else []),
@@ -819,10 +818,14 @@ def view(record: Record, stats: dict, c: Cluster, disks: bool) -> dict:
         "mode": record.mode, "checkpoint_ms": record.checkpoint_ms, "alarm": alarm, "stats": stats,
         "preferred_secondary": record.preferred_secondary, "guest": record.guest,
         "datastore": str(c.cfg.datastore),
-        # the primary's disk image (each side keeps its own copy): known on the primary's host
-        "disks": [str(colo.disk_path(colo.Guest(**record.guest), c.host))]
-        if disks and record.guest.get("disk_mib") else [],
+        # the primary's disks (the secondary keeps copies of its own): known on the primary's host
+        "disks": primary_disks(record, c.host) if disks else [],
     }  # fmt: skip
+
+
+def primary_disks(record: Record, host: colo.Host) -> list[str]:
+    spec = vmspec.from_record(record.guest)
+    return [colo.primary_source(spec, host, w)[0] for w in colo.disks(spec)]
 
 
 def read_text(path: str | None) -> str:

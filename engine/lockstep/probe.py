@@ -27,6 +27,7 @@ class Capabilities:
     x_colo: bool
     objects: frozenset[str]
     drivers: frozenset[str]
+    machines: frozenset[str] = frozenset()  # machine types and their aliases (pc, q35, pc-q35-7.2, ...)
 
     @property
     def passive_secondary(self) -> bool:
@@ -107,6 +108,7 @@ async def _probe(qemu: list[str], timeout: float) -> Capabilities:
                 version = await qmp.execute("query-version")
                 schema = await qmp.execute("query-qmp-schema")
                 types = {t["name"] for t in await qmp.execute("qom-list-types")}
+                machines = await qmp.execute("query-machines")
             finally:
                 with contextlib.suppress(Exception):
                     await qmp.disconnect()
@@ -126,6 +128,7 @@ async def _probe(qemu: list[str], timeout: float) -> Capabilities:
         drivers=frozenset(  # BlockdevDriver
             d for d in _enum_values(schema, {"file", "raw", "qcow2"}) if d in NEEDED_DRIVERS
         ),
+        machines=frozenset(n for m in machines for n in (m["name"], m.get("alias")) if n),
     )
 
 

@@ -39,7 +39,7 @@ class Side:
 @dataclass
 class Record:
     name: str
-    guest: dict  # colo.Guest's fields
+    guest: dict  # the VM's spec (vmspec.to_dict; no spec_version: the earlier flat shape)
     primary: Side
     secondary: Side | None = None
     state: FtState = FtState.NOT_CONFIGURED

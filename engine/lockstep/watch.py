@@ -485,11 +485,11 @@ def prioritise() -> None:
         Path("/proc/self/oom_score_adj").write_text("-1000")
 
 
-def main(cfg: WatchConfig, qmp_path: str, qemu_pid: int, guest: str) -> int:
+def main(cfg: WatchConfig, qmp_path: str, qemu_pid: int, guest: str, nics: int = 1) -> int:
     """ftctl watch: exit 0 when this side went live, 3 when it fenced its QEMU."""
     prioritise()
     host = colo.Host(name=cfg.me, ft_ip=cfg.listen[0], run_dir=Path(qmp_path).parent)
-    watcher = Watcher(cfg, colo.Vm(colo.Guest(name=guest, mac=""), host, cfg.role), qemu_pid)
+    watcher = Watcher(cfg, colo.Vm(colo.Guest(name=guest, nics=nics), host, cfg.role), qemu_pid)
     try:
         asyncio.run(run(watcher, qmp_path))
     except Exception as e:  # whatever went wrong, the journal ends with the verdict

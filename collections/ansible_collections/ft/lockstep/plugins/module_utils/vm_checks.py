@@ -65,10 +65,15 @@ def domain_problems(domain_xml, datastore, snapshots=0):
 def boot_file_problems(guest, datastore):
     """The files an engine-run VM boots from must be on the shared datastore: its secondary may be
     started on any host."""
-    return [
+    problems = [
         f"{key} {guest[key]} is not on the shared datastore {datastore}"
         for key in ("kernel", "initrd")
         if guest.get(key) and not under(guest[key], datastore)
+    ]
+    return problems + [
+        f"disk image {d['path']} is not on the shared datastore {datastore}"
+        for d in guest.get("disks") or []
+        if d.get("path") and not under(d["path"], datastore)
     ]
 
 

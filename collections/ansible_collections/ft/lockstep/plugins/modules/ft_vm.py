@@ -58,7 +58,12 @@ options:
   definition:
     description:
       - The VM to start under lockstepd on the managed host when the engine does not run it yet
-        (ignored when it does). Boot files should be on the shared datastore.
+        (ignored when it does), in the engine's VM schema (spec_version 1). Disk images and boot
+        files must be on the shared datastore. Either O(definition.nics) and O(definition.disks),
+        or the earlier shape O(definition.mac) and O(definition.disk_mib).
+      - The engine checks it before anything starts and refuses it with every reason at once
+        (an image off the datastore or missing, an unknown bridge, a MAC twice or used by another
+        VM, a machine type or firmware its QEMU cannot run).
     type: dict
     suboptions:
       memory_mib:
@@ -69,10 +74,69 @@ options:
         description: Virtual CPUs.
         type: int
         default: 1
-      mac:
-        description: MAC address of its NIC on the VM network.
+      sockets:
+        description: CPU sockets (with O(definition.cores); sockets x cores = vcpus).
+        type: int
+      cores:
+        description: Cores per socket.
+        type: int
+      machine:
+        description:
+          - QEMU machine type (C(pc), C(q35) or a versioned one such as C(pc-q35-7.2)).
+          - The engine's default is C(pc).
         type: str
-        required: true
+      firmware:
+        description: C(seabios). C(ovmf) is refused (its NVRAM is not replicated across a failover).
+        type: str
+      cpu_model:
+        description: QEMU CPU model, the same on both sides; default C(qemu64) under TCG, C(host) under KVM.
+        type: str
+      serial:
+        description: Keep the serial console in a file beside the VM's sockets.
+        type: bool
+      disks:
+        description: The VM's disks, the first is the boot disk when no O(definition.kernel) is given.
+        type: list
+        elements: dict
+        suboptions:
+          path:
+            description: The disk image on the shared datastore; it must exist and is never created.
+            type: path
+          format:
+            description: Image format.
+            type: str
+            choices: [raw, qcow2]
+          bus:
+            description: Bus of the disk.
+            type: str
+            choices: [virtio-blk, virtio-scsi]
+          create:
+            description: >-
+              A scratch disk (no O(definition.disks[].path)),
+              made empty at every start on each host.
+            type: bool
+          size_mib:
+            description: Size of a scratch disk.
+            type: int
+      nics:
+        description: The VM's NICs (at most 3).
+        type: list
+        elements: dict
+        suboptions:
+          mac:
+            description: MAC address.
+            type: str
+            required: true
+          bridge:
+            description: Bridge of the VM network; default the engine's C(bridge).
+            type: str
+          model:
+            description: NIC model.
+            type: str
+            choices: [virtio-net-pci]
+      mac:
+        description: MAC address of its one NIC on the VM network (the earlier shape; or O(definition.nics)).
+        type: str
       kernel:
         description: Kernel to boot.
         type: path
@@ -84,7 +148,7 @@ options:
         type: str
         default: ""
       disk_mib:
-        description: Size of a virtio disk (each host keeps a replicated copy).
+        description: Size of a scratch virtio disk (the earlier shape; or O(definition.disks)).
         type: int
   libvirt_uri:
     description: libvirt on the managed host, where a domain of the same name is checked.
@@ -169,7 +233,7 @@ vm:
       description: The host preferred for the secondary (O(secondary_host)), if any.
       type: str
     guest:
-      description: The VM's definition as lockstepd runs it (name, mac, memory_mib, vcpus, kernel, ...).
+      description: The VM's definition as lockstepd runs it (spec_version, name, nics, disks, ...).
       type: dict
     datastore:
       description: The shared datastore lockstepd keeps the pair's records on.
@@ -235,6 +299,15 @@ def summary(view):
     return {k: view.get(k) for k in ("state", "primary", "secondary_host", "checkpoint_ms")}
 
 
+def without_none(value):
+    """The definition as the engine's API takes it: options not given are left out."""
+    if isinstance(value, dict):
+        return dict((k, without_none(v)) for k, v in value.items() if v is not None)
+    if isinstance(value, list):
+        return [without_none(v) for v in value]
+    return value
+
+
 def refusals(module, engine, view):
     """Every reason the VM cannot be protected, and the thin disks to make thick."""
     p = module.params
@@ -286,12 +359,40 @@ def main():
                 options=dict(
                     memory_mib=dict(type="int", default=256),
                     vcpus=dict(type="int", default=1),
-                    mac=dict(type="str", required=True),
+                    sockets=dict(type="int"),
+                    cores=dict(type="int"),
+                    machine=dict(type="str"),
+                    firmware=dict(type="str"),
+                    cpu_model=dict(type="str"),
+                    serial=dict(type="bool"),
+                    disks=dict(
+                        type="list",
+                        elements="dict",
+                        options=dict(
+                            path=dict(type="path"),
+                            format=dict(type="str", choices=["raw", "qcow2"]),
+                            bus=dict(type="str", choices=["virtio-blk", "virtio-scsi"]),
+                            create=dict(type="bool"),
+                            size_mib=dict(type="int"),
+                        ),
+                    ),
+                    nics=dict(
+                        type="list",
+                        elements="dict",
+                        options=dict(
+                            mac=dict(type="str", required=True),
+                            bridge=dict(type="str"),
+                            model=dict(type="str", choices=["virtio-net-pci"]),
+                        ),
+                    ),
+                    mac=dict(type="str"),
                     kernel=dict(type="path"),
                     initrd=dict(type="path"),
                     cmdline=dict(type="str", default=""),
                     disk_mib=dict(type="int"),
                 ),
+                required_one_of=[("mac", "nics")],
+                mutually_exclusive=[("mac", "nics"), ("disk_mib", "disks")],
             ),
             libvirt_uri=dict(type="str", default="qemu:///system"),
             socket=dict(type="path", default="/run/lockstepd.sock"),
@@ -344,7 +445,7 @@ def main():
         if module.check_mode or not changed:
             module.exit_json(changed=changed, vm=view, notes=notes, diff=diff)
         if view is None:
-            body = dict((k, v) for k, v in p["definition"].items() if v is not None)
+            body = without_none(p["definition"])
             view = engine.request("POST", "/vms", dict(body, name=name))["vm"]
             notes.append("{} started under lockstepd on {}".format(name, view["primary"]))
         if state == "enabled":

@@ -56,7 +56,8 @@ def test_ft_network_refuses_incomplete_or_unknown_arguments(capsys, args, messag
     [
         ({"state": "enabled"}, "missing required arguments: name"),
         ({"name": "db1", "state": "on"}, "value of state must be one of: enabled, disabled, absent, got: on"),
-        ({"name": "db1", "definition": {"memory_mib": 512}}, "missing required arguments: mac"),
+        ({"name": "db1", "definition": {"memory_mib": 512}}, "one of the following is required: mac, nics"),
+        ({"name": "db1", "definition": {"nics": [{"bridge": "br1"}]}}, "missing required arguments: mac"),
     ],
 )
 def test_ft_vm_refuses_incomplete_or_unknown_arguments(capsys, args, message):
