@@ -21,6 +21,7 @@ ECHO_PORT = 7
 SPIN_PORT = 9
 DISK_IN_PORT = 5
 DISK_OUT_PORT = 6
+SECOND_DISK = 10  # the second disk's services are the first's plus this (15, 16)
 LINE = 12  # bytes per stream line: 11 digits and a newline
 
 
@@ -179,9 +180,9 @@ def disk_pattern(nbytes: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(nbytes)
 
 
-def disk_write(ip: str, nbytes: int, seed: int, deadline: float) -> dict:
-    """Write nbytes of a seeded pattern to the start of the guest's disk; the guest syncs."""
-    with connect(ip, DISK_IN_PORT, deadline) as s:
+def disk_write(ip: str, nbytes: int, seed: int, deadline: float, disk: int = 1) -> dict:
+    """Write nbytes of a seeded pattern to the start of the guest's disk (1: vda, 2: vdb); the guest syncs."""
+    with connect(ip, DISK_IN_PORT + SECOND_DISK * (disk - 1), deadline) as s:
         s.settimeout(120)
         s.sendall(disk_pattern(nbytes, seed))
         s.shutdown(socket.SHUT_WR)
@@ -191,10 +192,10 @@ def disk_write(ip: str, nbytes: int, seed: int, deadline: float) -> dict:
     return {"bytes": nbytes, "seed": seed}
 
 
-def disk_read(ip: str, nbytes: int, seed: int, deadline: float) -> dict:
+def disk_read(ip: str, nbytes: int, seed: int, deadline: float, disk: int = 1) -> dict:
     """Read the start of the guest's disk (past its page cache) and compare with the pattern."""
     got = bytearray()
-    with connect(ip, DISK_OUT_PORT, deadline) as s:
+    with connect(ip, DISK_OUT_PORT + SECOND_DISK * (disk - 1), deadline) as s:
         s.settimeout(120)
         while len(got) < nbytes and (data := s.recv(65536)):
             got += data
@@ -216,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--disk-write", type=int, metavar="BYTES", help="write a seeded pattern to the disk")
     p.add_argument("--disk-read", type=int, metavar="BYTES", help="check the disk holds the pattern")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--disk", type=int, choices=(1, 2), default=1, help="which disk: 1 (vda) or 2 (vdb)")
     args = p.parse_args(argv)
     deadline = time.monotonic() + args.timeout
     result: dict = {"ip": args.ip}
@@ -225,9 +227,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.measure:
             result["measure"] = measure(args.ip, args.measure, deadline)
         elif args.disk_write:
-            result["disk_write"] = disk_write(args.ip, args.disk_write, args.seed, deadline)
+            result["disk_write"] = disk_write(args.ip, args.disk_write, args.seed, deadline, args.disk)
         elif args.disk_read:
-            result["disk_read"] = disk_read(args.ip, args.disk_read, args.seed, deadline)
+            result["disk_read"] = disk_read(args.ip, args.disk_read, args.seed, deadline, args.disk)
         else:
             result["stream"] = stream_check(args.ip, args.stream_bytes, deadline)
             result["echo"] = echo_check(args.ip, args.echo_bytes, deadline)
