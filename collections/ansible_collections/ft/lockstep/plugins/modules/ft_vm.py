@@ -82,8 +82,8 @@ options:
         type: int
       machine:
         description:
-          - QEMU machine type (C(pc), C(q35) or a versioned one such as C(pc-q35-7.2)).
-          - The engine's default is C(pc).
+          - QEMU machine type (C(pc) or a versioned one such as C(pc-i440fx-7.2)); default C(pc).
+          - C(q35) is refused (QEMU 7.2's COLO secondary aborts loading a q35 checkpoint).
         type: str
       firmware:
         description: C(seabios). C(ovmf) is refused (its NVRAM is not replicated across a failover).
