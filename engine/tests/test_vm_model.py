@@ -83,7 +83,7 @@ def started() -> None:
 
 
 def test_a_bad_description_is_refused_with_every_reason_and_nothing_starts(cluster, images):
-    bad = spec(images, machine="pc-i440fx-1.0")
+    bad = spec(images, machine="pc-i440fx-0.9")
     bad["disks"] += [{"path": "/tmp/elsewhere.raw"}, {"path": str(t.DATASTORE / "vm-model" / "missing.raw")}]
     bad["nics"][1] |= {"mac": t.guest_mac(K), "bridge": "nosuchbr"}
     status, answer = engine.call(1, "POST", "/vms", bad)
@@ -97,7 +97,7 @@ def test_a_bad_description_is_refused_with_every_reason_and_nothing_starts(clust
         "/tmp/elsewhere.raw is not on the shared datastore",
         "missing.raw does not exist",
         "bridge nosuchbr does not exist on this host",
-        "machine pc-i440fx-1.0 is not one",
+        "machine pc-i440fx-0.9 is not one",
     ):
         assert expected in reasons, answer
     assert not [p for i in (1, 2, 3) for p in engine.processes(i, NAME)]
