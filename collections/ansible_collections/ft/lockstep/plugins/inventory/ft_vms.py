@@ -66,12 +66,22 @@ options:
     type: path
     env:
       - name: FT_VMS_SSH_KEY
+  known_hosts_file:
+    description:
+      - A known_hosts file with the FT hosts' keys (for example a file injected by an AWX
+        credential). Given, ssh checks the host keys against it only (C(StrictHostKeyChecking=yes)).
+    type: path
+    env:
+      - name: FT_VMS_SSH_KNOWN_HOSTS
   ssh_executable:
     description: The ssh client.
     type: str
     default: ssh
   ssh_args:
-    description: More ssh options, for example C([-o, StrictHostKeyChecking=accept-new]).
+    description:
+      - More ssh options, for example C([-o, ProxyJump=bastion]).
+      - They come after the plugin's own (C(BatchMode), C(ConnectTimeout), the known_hosts options),
+        and ssh takes the first value it is given for an option.
     type: list
     elements: str
     default: []
@@ -188,9 +198,9 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
         for name in ("connect_timeout", "timeout"):
             if self.get_option(name) <= 0:
                 problems.append(f"{name} must be a positive number of seconds, not {self.get_option(name)}")
-        key = self.get_option("private_key_file")
-        if key and not os.access(key, os.R_OK):
-            problems.append(f"private_key_file {key} is not a readable file")
+        for name in ("private_key_file", "known_hosts_file"):
+            if self.get_option(name) and not os.access(self.get_option(name), os.R_OK):
+                problems.append(f"{name} {self.get_option(name)} is not a readable file")
         if shutil.which(self.get_option("ssh_executable")) is None:
             problems.append(f"ssh_executable {self.get_option('ssh_executable')} is not found")
         if not self.get_option("ftctl").startswith("/"):
@@ -209,6 +219,9 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
             argv += ["-p", str(self.get_option("port"))]
         if self.get_option("private_key_file"):
             argv += ["-i", self.get_option("private_key_file")]
+        if self.get_option("known_hosts_file"):
+            argv += ["-o", f"UserKnownHostsFile={self.get_option('known_hosts_file')}"]
+            argv += ["-o", "StrictHostKeyChecking=yes"]
         if self.get_option("user"):
             argv += ["-l", self.get_option("user")]
         return [*argv, *self.get_option("ssh_args"), "--", host, " ".join(map(shlex.quote, remote))]

@@ -86,7 +86,10 @@ def test_each_vm_is_a_host_with_its_pairs_vars_in_groups_by_state_alarm_and_host
     tmp_path, config = site
     key = tmp_path / "id_ed25519"
     key.write_text("a key\n")
+    known = tmp_path / "known_hosts"
+    known.write_text("h1 ssh-ed25519 AAAA\n")
     config |= {
+        "known_hosts_file": str(known),
         "user": "ansible",
         "port": 2222,
         "private_key_file": str(key),
@@ -125,7 +128,9 @@ def test_each_vm_is_a_host_with_its_pairs_vars_in_groups_by_state_alarm_and_host
     assert "ansible_host" not in db1 and listing["_meta"]["hostvars"]["web-1"]["ft_secondary"] is None
     [argv] = calls(tmp_path)  # the first host answered: nobody else was asked
     assert argv[:4] == ["-o", "BatchMode=yes", "-o", "ConnectTimeout=3"], argv
-    assert argv[4:] == ["-p", "2222", "-i", str(key), "-l", "ansible", "-o", "StrictHostKeyChecking=yes",
+    known_args = ["-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes"]
+    extra = ["-o", "StrictHostKeyChecking=yes"]  # ssh_args, after the plugin's own
+    assert argv[4:] == ["-p", "2222", "-i", str(key), *known_args, "-l", "ansible", *extra,
                         "--", "h1", f"{BIN / 'ftctl'} status --json"]  # fmt: skip
 
 
@@ -177,7 +182,8 @@ def test_become_runs_ftctl_through_sudo_and_a_socket_is_passed_on(site):
 def test_a_bad_config_is_refused_with_every_reason_and_nothing_asked(site):
     tmp_path, config = site
     config |= {"hosts": ["h1", "h1", "-oProxyCommand=x"], "port": 0, "connect_timeout": 0, "timeout": -1,
-               "private_key_file": str(tmp_path / "missing"), "ssh_executable": "no-such-ssh",
+               "private_key_file": str(tmp_path / "missing"),
+               "known_hosts_file": str(tmp_path / "no-known-hosts"), "ssh_executable": "no-such-ssh",
                "ftctl": "ftctl"}  # fmt: skip
     code, _listing, err = inventory(tmp_path, config)
     assert code != 0
@@ -188,6 +194,7 @@ def test_a_bad_config_is_refused_with_every_reason_and_nothing_asked(site):
         "connect_timeout must be a positive number of seconds, not 0",
         "timeout must be a positive number of seconds, not -1",
         f"private_key_file {tmp_path / 'missing'} is not a readable file",
+        f"known_hosts_file {tmp_path / 'no-known-hosts'} is not a readable file",
         "ssh_executable no-such-ssh is not found",
         "ftctl must be an absolute path on the FT hosts, not ftctl",
     ):
