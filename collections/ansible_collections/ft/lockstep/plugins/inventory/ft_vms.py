@@ -16,6 +16,9 @@ description:
     records are on the shared datastore. The hosts are tried in order until one answers. A host
     that is down is the normal case in FT, so the hosts that did not answer before it are warnings.
     Only when no host answers does the inventory fail, naming every host and why.
+    ansible-inventory and ansible-playbook treat that failure as a warning, as they do for any
+    source that fails, unless C(ANSIBLE_INVENTORY_UNPARSED_FAILED) is true. AWX sets it for
+    inventory syncs.
   - "Why SSH and not the daemons' peer API: the peer API listens only on the FT-logging network,
     which is usually a private link between the hosts that the controller cannot reach. Its secret
     is the cluster's key, and it can stop and kill VMs (C(/peer/kill)), far more than an inventory
