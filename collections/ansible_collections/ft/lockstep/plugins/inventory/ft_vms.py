@@ -244,7 +244,9 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
             return None, f"no answer within {self.get_option('timeout')} s"
         except OSError as e:
             return None, f"cannot run {self.get_option('ssh_executable')}: {e}"
-        err = " ".join(done.stderr.split())[-400:]
+        # the last line says it (ssh's "Host key verification failed." after its banner of @s)
+        lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+        err = lines[-1][:300] if lines else ""
         try:
             answer = json.loads(done.stdout)
         except ValueError:
