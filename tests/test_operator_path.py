@@ -5,6 +5,9 @@ every reason. The client checks every byte of one TCP connection to the VM throu
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -12,7 +15,7 @@ import pytest
 
 from ftlab import engine
 from ftlab import topology as t
-from ftlab.ansible import module, playbook
+from ftlab.ansible import BIN, REPO, module, playbook
 from ftlab.guest import StreamFollower
 from lockstep import api
 
@@ -91,6 +94,36 @@ def test_a_new_checkpoint_interval_reaches_a_running_pair_and_a_repeat_changes_n
     first, second = ft_vm("enabled", checkpoint_ms=250), ft_vm("enabled", checkpoint_ms=250)
     assert first["changed"] and not second["changed"], (first, second)
     assert vm_view("cycle")["checkpoint_ms"] == 250 and vm_view("cycle")["state"] == "running"
+
+
+def test_the_ft_vms_inventory_lists_the_running_pair_with_both_hosts_over_ssh(site, tmp_path: Path):
+    """The inventory plugin as an operator configures it: the FT hosts' management addresses over
+    SSH, lab-h1's sshd stopped (a host down is a warning; the next one answers)."""
+    config = tmp_path / "lab.ft_vms.yml"
+    addresses = [t.host(i).ip("mgmt") for i in (1, 2, 3)]
+    config.write_text(
+        json.dumps({"plugin": "ft.lockstep.ft_vms", "hosts": addresses, "user": "root",
+                    "private_key_file": str(t.SSH_KEY), "connect_timeout": 5,
+                    "ssh_args": ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"]})
+    )  # fmt: skip
+    env = {**os.environ, "ANSIBLE_INVENTORY_UNPARSED_FAILED": "true"}
+    sshd = min(engine.processes(1, "sshd -D"))  # the listener (sessions retitle themselves)
+    os.kill(sshd, signal.SIGSTOP)  # lab-h1 stops answering SSH
+    try:
+        argv = [BIN / "ansible-inventory", "-i", config, "--list"]
+        done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        os.kill(sshd, signal.SIGCONT)
+    assert done.returncode == 0, done.stderr
+    listing = json.loads(done.stdout)
+    assert (
+        "cycle" in listing["ft_state_running"]["hosts"] and "cycle" in listing["ft_primary_lab_h1"]["hosts"]
+    )
+    view = vm_view("cycle")
+    assert "cycle" in listing[f"ft_secondary_{view['secondary_host'].replace('-', '_')}"]["hosts"], listing
+    cycle = listing["_meta"]["hostvars"]["cycle"]
+    assert cycle["ft_answered_by"] == addresses[1], cycle
+    assert f"FT host {addresses[0]} did not answer" in " ".join(done.stderr.split()), done.stderr
 
 
 DOMAIN = """<domain type='qemu'>

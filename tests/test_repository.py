@@ -27,6 +27,7 @@ def test_the_collection_builds_into_a_tarball(tmp_path):
         names = tar.getnames()
     assert {"MANIFEST.json", "FILES.json", "meta/runtime.yml", "README.md"} <= set(names)
     assert "plugins/modules/ft_vm.py" in names and "plugins/doc_fragments/engine.py" in names
+    assert "plugins/inventory/ft_vms.py" in names
     assert {"LICENSE", "changelogs/changelog.yaml", "changelogs/config.yaml"} <= set(names)
     with tarfile.open(tarball) as tar:
         manifest = json.load(tar.extractfile("MANIFEST.json"))["collection_info"]
