@@ -14,7 +14,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-ROLE = REPO / "roles" / "ft_engine"
+ROLE = REPO / "collections" / "ansible_collections" / "ft" / "lockstep" / "roles" / "ft_engine"
 
 
 def config(tmp_path: Path, *extra: str) -> dict:

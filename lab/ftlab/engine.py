@@ -197,8 +197,8 @@ def cmd_demo(args) -> int:
         lab.say("the lab is already up: using it")
     if lab.load_state()["hosts"] < 3:
         raise LabError("the demo needs 3 lab hosts: `lab/labctl down`, then run it again")
-    run_playbook("site", "playbooks/site.yml")
-    run_playbook("protect", "playbooks/protect.yml")
+    run_playbook("site", "ft.lockstep.site")
+    run_playbook("protect", "ft.lockstep.protect")
     before = api.local(installed_socket(1), "GET", "/vms/demo")[1]
     lab.say(f"FT on: demo {before['state']}, primary {before['primary']}, "
             f"secondary {before['secondary_host']}; waiting for the guest to answer")  # fmt: skip
@@ -206,7 +206,7 @@ def cmd_demo(args) -> int:
     client.wait_for_bytes(1 << 20, 180)
     lab.say("client: following the guest's stream, checking every byte")
     client.mark()
-    out = run_playbook("drill", "playbooks/drill.yml", "-e", "ft_drill_vm=demo")
+    out = run_playbook("drill", "ft.lockstep.drill", "-e", "ft_drill_vm=demo")
     after = api.local(installed_socket(1), "GET", "/vms/demo")[1]
     reprotect = re.search(r"protected again ([0-9.]+) s after the drill", out)
     client.wait_for_bytes(client.bytes + (1 << 20), 60)
@@ -222,7 +222,7 @@ def cmd_demo(args) -> int:
         f"(protected again {reprotect[1] if reprotect else '?'} s after the kill, no command given)",
         f"  client:  {follow.get('bytes', 0)} bytes of one TCP connection checked: {verdict}",
         f"           longest pause {follow.get('max_gap', float('nan')):.2f} s (the failover)",
-        "  next:    `ansible-playbook playbooks/drill.yml -e ft_drill_vm=demo`; on a host: `ftctl status`;",
+        "  next:    `ansible-playbook ft.lockstep.drill -e ft_drill_vm=demo`; on a host: `ftctl status`;",
         "           `lab/labctl down` removes the lab",
         "",
     ]
