@@ -37,7 +37,6 @@ def play(tmp_path: Path, tasks: list) -> Path:
 
 def run(playbook: Path, inv: Path, *extra: str) -> subprocess.CompletedProcess:
     env = os.environ | {
-        "ANSIBLE_ROLES_PATH": str(REPO / "roles"),
         "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
     }
     return subprocess.run([BIN / "ansible-playbook", "-i", str(inv), str(playbook), *extra], cwd=REPO,
@@ -52,7 +51,7 @@ def datastore(tmp_path: Path, name: str, ident: str | None) -> str:
     return str(path)
 
 
-STORAGE = [{"name": "The datastore", "ansible.builtin.include_role": {"name": "ft_storage"}}]
+STORAGE = [{"name": "The datastore", "ansible.builtin.include_role": {"name": "ft.lockstep.ft_storage"}}]
 
 
 def test_a_host_added_with_limit_is_compared_with_the_datastore_of_the_hosts_outside_the_limit(tmp_path):
@@ -101,7 +100,10 @@ def test_a_host_added_with_limit_is_compared_with_the_hypervisor_build_outside_t
     inv = inventory(tmp_path, {"ft_host_qemu": fake_qemu(tmp_path, "qemu-a", "7.2.0")},
                     {"ft_host_qemu": fake_qemu(tmp_path, "qemu-b", "8.0.0")})  # fmt: skip
     checks = [
-        {"name": "Checks", "ansible.builtin.include_role": {"name": "ft_host", "tasks_from": "check.yml"}}
+        {
+            "name": "Checks",
+            "ansible.builtin.include_role": {"name": "ft.lockstep.ft_host", "tasks_from": "check.yml"},
+        }
     ]
     r = run(play(tmp_path, checks), inv, "--limit", "new2")
     assert r.returncode != 0, r.stdout[-3000:]

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from ftlab import collection
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = REPO / ".venv" / "bin"
 pytestmark = [pytest.mark.lab, pytest.mark.vm, pytest.mark.slow]
@@ -16,6 +18,7 @@ pytestmark = [pytest.mark.lab, pytest.mark.vm, pytest.mark.slow]
 
 def test_the_molecule_default_scenario_converges_is_idempotent_and_verifies():
     assert not Path("/var/lib/ftlab/state.json").exists(), "a lab is up: the scenario makes its own"
+    collection.build_engine_wheel()  # role ft_engine, run from the repository, installs engine/ as it is
     env = os.environ | {"PATH": f"{BIN}:{os.environ['PATH']}", "NO_COLOR": "1", "ANSIBLE_FORCE_COLOR": "0"}
     try:
         run = subprocess.run([BIN / "molecule", "test"], cwd=REPO, env=env, capture_output=True, text=True,

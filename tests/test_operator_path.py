@@ -25,7 +25,7 @@ MiB = 1 << 20
 
 @pytest.fixture(scope="module")
 def site(lab):
-    code, out, recap = playbook("playbooks/site.yml")
+    code, out, recap = playbook("ft.lockstep.site")
     assert code == 0, out[-4000:]
     return recap
 
@@ -38,7 +38,7 @@ def vm_view(name: str) -> dict:
 
 def test_site_yml_sets_up_every_host_and_a_second_run_changes_nothing(site):
     assert set(site) == {"lab-h1", "lab-h2", "lab-h3"} and all(r["failed"] == 0 for r in site.values())
-    code, out, again = playbook("playbooks/site.yml")
+    code, out, again = playbook("ft.lockstep.site")
     assert code == 0, out[-4000:]
     assert {h: r["changed"] for h, r in again.items()} == {"lab-h1": 0, "lab-h2": 0, "lab-h3": 0}, out[-4000:]
     for i in (1, 2, 3):
@@ -173,9 +173,9 @@ def test_a_vm_with_usb_sound_and_hostdev_is_refused_with_every_reason(site, tmp_
 
 def test_protect_yml_takes_one_vm_from_survey_variables_and_status_yml_reports_it(site):
     survey = ("-e", "ft_vm_name=cycle", "-e", "ft_vm_state=disabled")
-    runs = [playbook("playbooks/protect.yml", *survey) for _ in range(2)]
+    runs = [playbook("ft.lockstep.protect", *survey) for _ in range(2)]
     assert [code for code, _out, _recap in runs] == [0, 0], runs[0][1][-3000:]
     assert [recap["lab-h1"]["changed"] for _code, _out, recap in runs] == [1, 0]
     assert vm_view("cycle")["state"] == "disabled" and not secondary_qemus("cycle")
-    code, out, _recap = playbook("playbooks/status.yml")
+    code, out, _recap = playbook("ft.lockstep.status")
     assert code == 0 and "cycle: disabled (user_action), primary lab-h1" in out, out[-3000:]

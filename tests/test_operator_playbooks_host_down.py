@@ -39,13 +39,13 @@ def inventory(tmp_path: Path, socket: str, **group_vars) -> Path:
 
 
 def run(playbook: str, inv: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([BIN / "ansible-playbook", "-i", str(inv), f"playbooks/{playbook}", *extra],
+    return subprocess.run([BIN / "ansible-playbook", "-i", str(inv), f"ft.lockstep.{playbook}", *extra],
                           cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
 
 
 def test_protect_yml_runs_on_the_host_that_answers_when_the_first_is_down(tmp_path, engine):
     inv = inventory(tmp_path, engine.path, ft_vms=[{"name": "db1", "host": "dead1"}])
-    r = run("protect.yml", inv)
+    r = run("protect", inv)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert ("POST", "/vms/db1/enable", {}) in engine.calls, engine.calls
     assert engine.vms["db1"]["state"] == "running"
@@ -54,7 +54,7 @@ def test_protect_yml_runs_on_the_host_that_answers_when_the_first_is_down(tmp_pa
 
 
 def test_status_yml_reports_the_cluster_when_the_first_host_is_down(tmp_path, engine):
-    r = run("status.yml", inventory(tmp_path, engine.path))
+    r = run("status", inventory(tmp_path, engine.path))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert "db1: disabled" in r.stdout and "do not answer, left out of this run: dead1" in r.stdout
     assert engine.mutations() == []
@@ -62,7 +62,7 @@ def test_status_yml_reports_the_cluster_when_the_first_host_is_down(tmp_path, en
 
 def test_drill_yml_runs_the_drill_when_the_first_host_is_down(tmp_path, engine):
     engine.vms["db1"] = pair("db1", "running", primary="h1", secondary_host="h2")
-    r = run("drill.yml", inventory(tmp_path, engine.path), "-e", "ft_drill_vm=db1")
+    r = run("drill", inventory(tmp_path, engine.path), "-e", "ft_drill_vm=db1")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert engine.mutations() == [("POST", "/vms/db1/test-failover", {})]
     assert engine.vms["db1"]["generation"] == 2 and engine.vms["db1"]["primary"] == "h2"
@@ -75,7 +75,7 @@ def test_no_ft_host_answering_fails_the_play_with_the_hosts_named(tmp_path, engi
     doc["all"]["children"]["ft_hosts"]["hosts"]["live2"] = {"ansible_host": "127.0.0.1", "ansible_port": 1,
         "ansible_connection": "ssh", "ansible_ssh_common_args": "-o ConnectTimeout=2"}  # fmt: skip
     inv.write_text(yaml.safe_dump(doc))
-    r = run("status.yml", inv)
+    r = run("status", inv)
     assert r.returncode != 0 and "no FT host answers: dead1, live2" in r.stdout, r.stdout[-3000:]
 
 

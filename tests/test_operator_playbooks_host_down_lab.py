@@ -33,21 +33,21 @@ def stop_sshd(host: t.Host) -> None:
 
 
 def test_status_protect_and_drill_run_with_the_first_lab_host_unreachable(lab):
-    code, out, _recap = playbook("playbooks/site.yml")
+    code, out, _recap = playbook("ft.lockstep.site")
     assert code == 0, out[-4000:]
     status, view = api.local(engine.installed_socket(2), "POST", "/vms", engine.guest_body("down1", 2))
     assert status == 200, view
     stop_sshd(t.host(1))
 
     survey = ("-e", "ft_vm_name=down1", "-e", "ft_vm_state=enabled")
-    code, out, recap = playbook("playbooks/protect.yml", *survey)
+    code, out, recap = playbook("ft.lockstep.protect", *survey)
     assert code == 0, out[-4000:]
     assert "left out of this run: lab-h1" in out and "down1: running" in out, out[-3000:]
     assert recap["lab-h1"]["unreachable"] == 0 and recap["lab-h2"]["failed"] == 0, recap
 
-    code, out, _recap = playbook("playbooks/status.yml")
+    code, out, _recap = playbook("ft.lockstep.status")
     assert code == 0 and "down1: running" in out and "left out of this run: lab-h1" in out, out[-3000:]
 
-    code, out, _recap = playbook("playbooks/drill.yml", "-e", "ft_drill_vm=down1", "-e",
+    code, out, _recap = playbook("ft.lockstep.drill", "-e", "ft_drill_vm=down1", "-e",
                                  "ft_drill_action=test_restart_secondary")  # fmt: skip
     assert code == 0 and "protected again" in out, out[-3000:]

@@ -5,34 +5,49 @@ from __future__ import annotations
 import json
 import subprocess
 import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
 import yaml
+
+from ftlab import collection
 
 REPO = Path(__file__).resolve().parents[1]
 VENV = REPO / ".venv" / "bin"
 COLLECTION = REPO / "collections" / "ansible_collections" / "ft" / "lockstep"
 
 
-def test_the_collection_builds_into_a_tarball(tmp_path):
-    r = subprocess.run(
-        [VENV / "ansible-galaxy", "collection", "build", COLLECTION, "--output-path", tmp_path],
-        capture_output=True,
-        text=True,
-    )
-    assert r.returncode == 0, r.stderr
-    tarball = tmp_path / "ft-lockstep-0.1.0.tar.gz"
+def test_the_collection_builds_into_a_tarball_with_its_roles_playbooks_and_the_engine(tmp_path):
+    tarball = collection.build(tmp_path)  # lab/build-collection: the engine's wheel, ansible-galaxy build
+    assert tarball == tmp_path / "ft-lockstep-0.1.0.tar.gz"
     with tarfile.open(tarball) as tar:
         names = tar.getnames()
     assert {"MANIFEST.json", "FILES.json", "meta/runtime.yml", "README.md"} <= set(names)
     assert "plugins/modules/ft_vm.py" in names and "plugins/doc_fragments/engine.py" in names
     assert "plugins/inventory/ft_vms.py" in names
     assert {"LICENSE", "changelogs/changelog.yaml", "changelogs/config.yaml"} <= set(names)
+    for role in ("ft_host", "ft_network", "ft_storage", "ft_engine"):
+        assert {f"roles/{role}/tasks/main.yml", f"roles/{role}/meta/argument_specs.yml"} <= set(names), role
+    playbooks = {"site", "protect", "drill", "status", "check_hosts"}
+    assert {f"playbooks/{p}.yml" for p in playbooks} | {"playbooks/tasks/answering_hosts.yml"} <= set(names)
+    wheels = [n for n in names if n.startswith("roles/ft_engine/files/") and n.endswith(".whl")]
+    assert wheels == ["roles/ft_engine/files/ft_lockstep_engine-0.1.0-py3-none-any.whl"], wheels
+    with tarfile.open(tarball) as tar, zipfile.ZipFile(tar.extractfile(wheels[0])) as wheel:
+        inside = set(wheel.namelist())
+    assert {"lockstep/daemon.py", "lockstep/cli.py"} <= inside and not any("__pycache__" in n for n in inside)
+    assert not any("/tests/output/" in n or n.endswith(".tar.gz") for n in names)
     with tarfile.open(tarball) as tar:
         manifest = json.load(tar.extractfile("MANIFEST.json"))["collection_info"]
     assert manifest["repository"] == "https://github.com/ft-lockstep/ft" and manifest["issues"]
     assert {"infrastructure", "linux"} <= set(manifest["tags"])
+
+
+def test_the_engine_wheel_is_the_same_bytes_for_the_same_source():
+    first = collection.build_engine_wheel()
+    data, mtime = first.read_bytes(), first.stat().st_mtime_ns
+    again = collection.build_engine_wheel()  # what keeps a rebuilt collection from reinstalling the engine
+    assert again == first and again.read_bytes() == data and again.stat().st_mtime_ns == mtime
 
 
 def test_the_license_is_the_gpl_3_text_at_the_root_and_in_the_collection():
@@ -85,7 +100,7 @@ def test_python_code_is_formatted_and_lint_clean():
 def test_ansible_content_passes_ansible_lint_production_profile():
     lint = subprocess.run(
         [VENV / "ansible-lint", "--offline", "--profile", "production",
-         "playbooks/", "roles/", "inventories/", "molecule/", "collections/"],
+         "playbooks/", "inventories/", "molecule/", "collections/", "docs/awx/"],
         cwd=REPO, capture_output=True, text=True,
     )  # fmt: skip
     assert lint.returncode == 0, lint.stdout + lint.stderr

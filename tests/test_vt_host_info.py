@@ -37,7 +37,7 @@ def test_check_mode_reports_the_same(lab):
 
 
 def playbook(*extra: str) -> tuple[int, str]:
-    code, out, _recap = ansible.playbook("playbooks/check_hosts.yml", *extra)
+    code, out, _recap = ansible.playbook("ft.lockstep.check_hosts", *extra)
     return code, out
 
 

@@ -1,5 +1,6 @@
 """Ansible as the tests and the main job run it: one module on some hosts, or a playbook, from the
-repository (ansible.cfg: the lab inventory, the collection, the roles)."""
+repository (ansible.cfg: the lab inventory, the collection) or from another directory (its own
+ansible.cfg, e.g. the collection installed from its tarball)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import json
 import re
 import subprocess
 import sys
+from functools import cache
 from pathlib import Path
+
+from . import collection
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the project's virtualenv
@@ -35,10 +39,21 @@ def module(hosts: str, name: str, args: dict, *extra: str, inventory: Path | Non
 RECAP = re.compile(r"^(\S+)\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
 
 
-def playbook(path: str, *extra: str, echo_tasks: bool = False, timeout: float = 1800) -> tuple:
-    """ansible-playbook PATH; (exit code, output, {host: {ok, changed, unreachable, failed}}).
+@cache
+def engine_wheel() -> Path:
+    """The engine's wheel in the repository's collection built from engine/ as it is now (once per
+    process), so that role ft_engine run from the repository installs the engine of this checkout."""
+    return collection.build_engine_wheel()
+
+
+def playbook(
+    path: str, *extra: str, echo_tasks: bool = False, timeout: float = 1800, cwd: Path = REPO
+) -> tuple:
+    """ansible-playbook PATH in cwd; (exit code, output, {host: {ok, changed, unreachable, failed}}).
     With echo_tasks each task's name is printed as it starts (progress for the operator)."""
-    proc = subprocess.Popen([BIN / "ansible-playbook", path, *extra], cwd=REPO, text=True,
+    if cwd == REPO:
+        engine_wheel()
+    proc = subprocess.Popen([BIN / "ansible-playbook", path, *extra], cwd=cwd, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
     lines = []
     for line in proc.stdout:

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import yaml
 
 from lockstep import api
 
-from . import ansible, lab, proc
+from . import ansible, collection, lab, proc
 from . import topology as t
 from .colopair import lab_qemu, set_links
 from .proc import LabError, in_node, netns_inode, pids_in_netns, spawn, wait_for
@@ -172,11 +173,11 @@ def in_netns(netns: str, code: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)  # fmt: skip
 
 
-def run_playbook(title: str, path: str, *extra: str) -> str:
-    """A playbook as the operator runs it, its tasks shown as they start; its output."""
+def run_playbook(title: str, path: str, *extra: str, cwd: Path = ansible.REPO) -> str:
+    """A playbook as the operator runs it (in cwd), its tasks shown as they start; its output."""
     lab.say(f"{title}: ansible-playbook {path} {' '.join(extra)}".rstrip())
     began = time.monotonic()
-    code, out, recap = ansible.playbook(path, *extra, echo_tasks=True)
+    code, out, recap = ansible.playbook(path, *extra, echo_tasks=True, cwd=cwd)
     if code != 0:
         raise LabError(f"{path} failed:\n{out[-3000:]}")
     changed = ", ".join(f"{h} changed={r['changed']}" for h, r in sorted(recap.items()))
@@ -197,16 +198,23 @@ def cmd_demo(args) -> int:
         lab.say("the lab is already up: using it")
     if lab.load_state()["hosts"] < 3:
         raise LabError("the demo needs 3 lab hosts: `lab/labctl down`, then run it again")
-    run_playbook("site", "playbooks/site.yml")
-    run_playbook("protect", "playbooks/protect.yml")
-    before = api.local(installed_socket(1), "GET", "/vms/demo")[1]
-    lab.say(f"FT on: demo {before['state']}, primary {before['primary']}, "
-            f"secondary {before['secondary_host']}; waiting for the guest to answer")  # fmt: skip
-    client = StreamFollower(t.guest_ip(0))
-    client.wait_for_bytes(1 << 20, 180)
-    lab.say("client: following the guest's stream, checking every byte")
-    client.mark()
-    out = run_playbook("drill", "playbooks/drill.yml", "-e", "ft_drill_vm=demo")
+    # the collection as an operator installs it: its tarball in an empty directory, no repository
+    with tempfile.TemporaryDirectory(prefix="ftlab-demo-") as tmp:
+        began = time.monotonic()
+        work = collection.installed(Path(tmp), lab.INVENTORY.parent)
+        tarball = next((work / "dist").glob("*.tar.gz")).name
+        lab.say(f"collection: {tarball} built and installed into {work}/collections "
+                f"({time.monotonic() - began:.0f} s); the playbooks run from there")  # fmt: skip
+        run_playbook("site", "ft.lockstep.site", cwd=work)
+        run_playbook("protect", "ft.lockstep.protect", cwd=work)
+        before = api.local(installed_socket(1), "GET", "/vms/demo")[1]
+        lab.say(f"FT on: demo {before['state']}, primary {before['primary']}, "
+                f"secondary {before['secondary_host']}; waiting for the guest to answer")  # fmt: skip
+        client = StreamFollower(t.guest_ip(0))
+        client.wait_for_bytes(1 << 20, 180)
+        lab.say("client: following the guest's stream, checking every byte")
+        client.mark()
+        out = run_playbook("drill", "ft.lockstep.drill", "-e", "ft_drill_vm=demo", cwd=work)
     after = api.local(installed_socket(1), "GET", "/vms/demo")[1]
     reprotect = re.search(r"protected again ([0-9.]+) s after the drill", out)
     client.wait_for_bytes(client.bytes + (1 << 20), 60)
@@ -222,7 +230,7 @@ def cmd_demo(args) -> int:
         f"(protected again {reprotect[1] if reprotect else '?'} s after the kill, no command given)",
         f"  client:  {follow.get('bytes', 0)} bytes of one TCP connection checked: {verdict}",
         f"           longest pause {follow.get('max_gap', float('nan')):.2f} s (the failover)",
-        "  next:    `ansible-playbook playbooks/drill.yml -e ft_drill_vm=demo`; on a host: `ftctl status`;",
+        "  next:    `ansible-playbook ft.lockstep.drill -e ft_drill_vm=demo`; on a host: `ftctl status`;",
         "           `lab/labctl down` removes the lab",
         "",
     ]

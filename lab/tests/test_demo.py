@@ -22,8 +22,9 @@ def test_the_demo_protects_a_guest_fails_it_over_and_reports_a_byte_exact_stream
         assert "before:  running, primary lab-h1, secondary lab-h" in out
         assert "after:   running, primary lab-h" in out and "no command given" in out
         assert "none lost, duplicated or reordered" in out
-        for step in ("ft_engine : The engine's API answers", "site: done", "protect: done", "drill: done",
-                     "demo done in"):  # fmt: skip
+        steps = ("collection: ft-lockstep-", "ft.lockstep.ft_engine : The engine's API answers", "site: done",
+                 "protect: done", "drill: done", "demo done in")  # fmt: skip
+        for step in steps:
             assert step in out, out
         again = subprocess.run([LABCTL, "demo"], capture_output=True, text=True, timeout=600)
         out = again.stdout + again.stderr
