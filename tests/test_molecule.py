@@ -11,6 +11,7 @@ Each converges, converges again (nothing may change) and verifies with testinfra
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -36,11 +37,13 @@ def lab():
 def molecule_test(scenario: str, play: str) -> str:
     """Runs the scenario; its converge play `play` must run twice (converge, idempotence) and
     its verifier pass every test it collects."""
+    start = time.monotonic()
     env = os.environ | {"PATH": f"{BIN}:{os.environ['PATH']}", "NO_COLOR": "1", "ANSIBLE_FORCE_COLOR": "0"}
     run = subprocess.run([BIN / "molecule", "test", "--scenario-name", scenario], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=1800)  # fmt: skip
     out = run.stdout + run.stderr
     print(out[-30000:])  # shown by pytest when the test fails
+    print(f"molecule test -s {scenario}: {time.monotonic() - start:.0f} s")
     assert run.returncode == 0, f"molecule test -s {scenario}:\n{out[-6000:]}"
     assert "Idempotence test failed" not in out
     assert out.count(f"PLAY [{play}]") == 2  # converge, then idempotence: the same run again
