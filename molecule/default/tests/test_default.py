@@ -41,19 +41,3 @@ def test_the_lab_vm_is_protected_and_running():
     assert status.rc == 0, status.stderr
     demo = [line.split() for line in status.stdout.splitlines() if line.startswith("demo ")]
     assert demo and demo[0][1] == "running", status.stdout
-
-
-def test_the_debian_guest_has_both_bonds_and_the_nfs_datastore_mounted():
-    host = on("debian")
-    bonds = {"ft-mig": "fault-tolerance (active-backup)", "ft-log": "load balancing (round-robin)"}
-    for bond, mode in bonds.items():
-        bonding = host.file(f"/proc/net/bonding/{bond}")
-        assert bonding.exists and mode in bonding.content_string
-        assert bonding.content_string.count("Slave Interface:") == 2
-        assert bonding.content_string.startswith("Ethernet Channel Bonding Driver")
-        assert "MII Status: up" in bonding.content_string.split("Slave Interface:")[0]
-    assert host.interface("ft-mig").addresses[0] == "10.77.1.30"
-    mount = host.mount_point("/var/lib/ftlab/datastore")
-    assert mount.exists and mount.filesystem.startswith("nfs") and mount.device == "10.77.0.2:/datastore"
-    assert host.file("/etc/fstab").contains("10.77.0.2:/datastore /var/lib/ftlab/datastore nfs")
-    assert host.file("/etc/systemd/network/40-ft-migration.netdev").exists
