@@ -120,13 +120,20 @@ def _int(problems: list[str], where: str, value, low: int, high: int) -> None:
         problems.append(f"{where} must be a whole number from {low} to {high}")
 
 
-def _disk(i: int, d, problems: list[str]) -> Disk | None:
-    where = f"disks[{i}]"
-    if not isinstance(d, dict):
+def _entry(where: str, raw, cls, problems: list[str]):
+    """One disk or NIC from its dict: the known fields, and a problem for each unknown one."""
+    if not isinstance(raw, dict):
         problems.append(f"{where} must be an object")
         return None
-    problems += _unknown(where, d, Disk)
-    disk = Disk(**{k: v for k, v in d.items() if k in {f.name for f in fields(Disk)}})
+    problems += _unknown(where, raw, cls)
+    return cls(**{k: v for k, v in raw.items() if k in {f.name for f in fields(cls)}})
+
+
+def _disk(i: int, d, problems: list[str]) -> Disk | None:
+    where = f"disks[{i}]"
+    disk = _entry(where, d, Disk, problems)
+    if disk is None:
+        return None
     if disk.format not in FORMATS:
         problems.append(f"{where}.format must be one of {', '.join(FORMATS)}")
     if disk.bus not in BUSES:
@@ -147,11 +154,9 @@ def _disk(i: int, d, problems: list[str]) -> Disk | None:
 
 def _nic(i: int, n, problems: list[str]) -> Nic | None:
     where = f"nics[{i}]"
-    if not isinstance(n, dict):
-        problems.append(f"{where} must be an object")
+    nic = _entry(where, n, Nic, problems)
+    if nic is None:
         return None
-    problems += _unknown(where, n, Nic)
-    nic = Nic(**{k: v for k, v in n.items() if k in {f.name for f in fields(Nic)}})
     if not isinstance(nic.mac, str) or not MAC.match(nic.mac):
         problems.append(f"{where}.mac must be a MAC address like 52:54:00:12:34:56")
     if nic.bridge is not None and (not isinstance(nic.bridge, str) or not BRIDGE.match(nic.bridge)):
