@@ -129,7 +129,11 @@ def cmd_daemon(args) -> int:
     except config_mod.ConfigError as e:
         print(f"lockstepd: configuration error: {e}", file=sys.stderr)
         return 2
-    if args.check:
+    if args.check:  # run on the host before a configuration is installed: what only it can tell
+        if cfg.vm_uplink and not Path(f"/sys/class/net/{cfg.vm_uplink}").exists():
+            print(f"lockstepd: configuration error: vm_uplink {cfg.vm_uplink}: no such network interface "
+                  "on this host (a primary would hand every VM over)", file=sys.stderr)  # fmt: skip
+            return 2
         print(f"{args.config}: valid ({cfg.host}, {len(cfg.hosts)} hosts)")
         return 0
     from . import daemon
