@@ -249,14 +249,8 @@ class Watcher:
                 vm_net_down_since = None if vm_net is not False else (vm_net_down_since or now)
                 failed = disk_failures(disk_errors.clear()) if cfg.role == "primary" else {}
                 peer_there = beats.seen and now - beats.last < cfg.timeout
-                why = None
                 vm_net_gone = vm_net_down_since is not None and now - vm_net_down_since > cfg.timeout
-                if (
-                    vm_net_gone and beats.peer_vm_net is True
-                ):  # its clients cannot reach it here, there they can
-                    why = f"{cfg.vm_uplink} has no carrier; the secondary's VM network works"
-                if failed.get("local") and not failed.get("secondary"):  # the secondary's copy has it all
-                    why = f"own disk failed: {failed['local']}"
+                why = handover_reason(cfg, vm_net_gone, beats.peer_vm_net, failed)
                 if why and cfg.role == "primary" and peer_there and not handing_over:
                     handing_over = True
                     self.log(
@@ -457,6 +451,17 @@ async def run(watcher: Watcher, qmp_path: str) -> Verdict:
     finally:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(qmp.disconnect(), 1.0)
+
+
+def handover_reason(
+    cfg: WatchConfig, vm_net_gone: bool, peer_vm_net: bool | None, failed: dict
+) -> str | None:
+    """Why the primary's own side is the faulty one, so that the secondary should run the VM."""
+    if failed.get("local") and not failed.get("secondary"):  # the secondary's copy has every write
+        return f"own disk failed: {failed['local']}"
+    if vm_net_gone and peer_vm_net is True:  # its clients cannot reach it here, there they can
+        return f"{cfg.vm_uplink} has no carrier; the secondary's VM network works"
+    return None
 
 
 def disk_failures(events: list) -> dict[str, str]:
