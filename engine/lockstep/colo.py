@@ -32,7 +32,7 @@ from pathlib import Path
 
 from qemu.qmp import QMPClient
 
-from . import probe, vmspec
+from . import images, probe, vmspec
 from .qmp import connect
 from .vmspec import VmSpec
 
@@ -244,11 +244,31 @@ def nics(spec: VmSpec, ports: Ports) -> list[NicWiring]:
 
 
 def disk_path(guest: VmSpec, host: Host, layer: str = "disk", index: int = 0) -> Path:
-    """A disk the engine makes on a host: a scratch disk, and on the secondary its copy of each
-    disk and the active and hidden overlays of block replication (QEMU's docs/block-replication.txt).
-    A disk image of the spec is never made: the primary opens it where it is."""
+    """A disk the engine makes in a host's run directory: a scratch disk (and the secondary's copy
+    of it), and the active and hidden overlays of block replication (QEMU's
+    docs/block-replication.txt). A disk image of the spec is never made: the primary opens it
+    where it is, and a secondary's copy of it is on the datastore (copy_source)."""
     n = "" if index == 0 else str(index)
     return host.run_dir / f"{guest.name}.{layer}{n}.{'raw' if layer == 'disk' else 'qcow2'}"
+
+
+def copy_source(guest: VmSpec, host: Host, w: DiskWiring, generation: int) -> tuple[str, str]:
+    """(path, format) of the secondary's copy of a disk: an image's beside it on the datastore,
+    in its format, so that it can become the image when this side goes live (images.py); a
+    scratch disk's in the run directory."""
+    if w.disk.create:
+        return str(disk_path(guest, host, index=w.index)), "raw"
+    return str(images.copy_path(w.disk.path, guest.name, host.name, generation)), w.disk.format
+
+
+def image_copies(guest: VmSpec, host: str, generation: int) -> dict[str, str]:
+    """A secondary's copies of the VM's disk images on the datastore, each to its image (scratch
+    disks have none there)."""
+    return {
+        str(images.copy_path(w.disk.path, guest.name, host, generation)): w.disk.path
+        for w in disks(guest)
+        if not w.disk.create
+    }
 
 
 def primary_source(guest: VmSpec, host: Host, w: DiskWiring) -> tuple[str, str]:
@@ -258,22 +278,27 @@ def primary_source(guest: VmSpec, host: Host, w: DiskWiring) -> tuple[str, str]:
     return w.disk.path, w.disk.format
 
 
-def disk_commands(guest: VmSpec, host: Host, role: str, sizes: dict[int, int]) -> list[list[str]]:
+def disk_commands(
+    guest: VmSpec, host: Host, role: str, sizes: dict[int, int], generation: int = 0
+) -> list[list[str]]:
     """The qemu-img commands that make a side's engine-made disks before its QEMU starts: the
     primary's scratch disks (empty at every start); the secondary's copy of every disk and its
     overlays, of the disk's size in bytes (sizes[i], read from the image) - a drive-mirror fills
     the copy. A disk image is never created or emptied: a VM started again keeps its contents."""
     out = []
     for w in disks(guest):
-        layers = ("disk", "active", "hidden") if role == "secondary" else ("disk",) * w.disk.create
-        for layer in layers:
-            size = f"{w.disk.size_mib}M" if w.disk.create else str(sizes[w.index])
-            path = disk_path(guest, host, layer, w.index)
-            out.append(["qemu-img", "create", "-q", "-f", path.suffix[1:], str(path), size])
+        size = f"{w.disk.size_mib}M" if w.disk.create else str(sizes.get(w.index))
+        made = []  # (path, format)
+        if role == "secondary":
+            made.append(copy_source(guest, host, w, generation))
+            made += [(str(disk_path(guest, host, layer, w.index)), "qcow2") for layer in ("active", "hidden")]
+        elif w.disk.create:
+            made.append((str(disk_path(guest, host, index=w.index)), "raw"))
+        out += [["qemu-img", "create", "-q", "-f", fmt, path, size] for path, fmt in made]
     return out
 
 
-def disk_argv(guest: VmSpec, host: Host, role: str) -> list[str]:
+def disk_argv(guest: VmSpec, host: Host, role: str, generation: int = 0) -> list[str]:
     """Each disk behind a quorum node colo-disk<i>: on the primary its one child is the disk
     (replication to the secondary is added when replication starts); on the secondary its copy
     is written by the primary over NBD while the secondary VM sees it through replication's
@@ -288,10 +313,10 @@ def disk_argv(guest: VmSpec, host: Host, role: str) -> list[str]:
             path, fmt = primary_source(guest, host, w)
             drives = [f"{quorum},children.0.file.filename={path},children.0.driver={fmt}"]
         else:
-            disk = disk_path(guest, host, index=w.index)
+            disk, fmt = copy_source(guest, host, w, generation)
             active, hidden = (disk_path(guest, host, layer, w.index) for layer in ("active", "hidden"))
             drives = [
-                f"if=none,id={w.parent},file.filename={disk},driver=raw",
+                f"if=none,id={w.parent},file.filename={disk},driver={fmt}",
                 f"if=none,id={w.childs},driver=replication,mode=secondary,top-id={w.quorum},file.driver=qcow2,"
                 f"file.file.filename={active},file.backing.driver=qcow2,"
                 f"file.backing.file.filename={hidden},file.backing.backing={w.parent}",
@@ -304,7 +329,7 @@ def disk_argv(guest: VmSpec, host: Host, role: str) -> list[str]:
     return argv
 
 
-def _common_argv(guest: VmSpec, host: Host, role: str) -> list[str]:
+def _common_argv(guest: VmSpec, host: Host, role: str, generation: int = 0) -> list[str]:
     smp = (
         str(guest.vcpus)
         if guest.sockets is None
@@ -350,7 +375,7 @@ def _common_argv(guest: VmSpec, host: Host, role: str) -> list[str]:
         ]
     if guest.kernel:
         argv += ["-kernel", guest.kernel, "-initrd", guest.initrd or "", "-append", guest.cmdline]
-    return argv + disk_argv(guest, host, role)
+    return argv + disk_argv(guest, host, role, generation)
 
 
 def primary_chardevs(guest: VmSpec, host: Host, ports: Ports) -> list[tuple[str, str, int, bool]]:
@@ -382,9 +407,11 @@ def primary_argv(guest: VmSpec, host: Host, ports: Ports) -> list[str]:
     return argv
 
 
-def secondary_argv(guest: VmSpec, host: Host, primary: Host, ports: Ports, mode: Mode) -> list[str]:
+def secondary_argv(
+    guest: VmSpec, host: Host, primary: Host, ports: Ports, mode: Mode, generation: int = 0
+) -> list[str]:
     p = primary.ft_ip
-    argv = _common_argv(guest, host, "secondary")
+    argv = _common_argv(guest, host, "secondary", generation)
     if mode is Mode.LOCKSTEP:
         for w in nics(guest, ports):
             hn = w.id("hn")
@@ -409,6 +436,7 @@ class Vm:
     guest: Guest
     host: Host
     role: str
+    generation: int = 0  # a secondary's: names its copies of the disk images (copy_source)
     proc: subprocess.Popen | None = None
     qmp: QMPClient | None = None
     log: Path | None = field(default=None)
@@ -439,7 +467,7 @@ class Vm:
                     if "virtual-size" not in info:
                         raise DataPlaneError(f"{self.host.name}: cannot read the size of {w.disk.path}")
                     sizes[w.index] = info["virtual-size"]
-        for cmd in disk_commands(self.guest, self.host, self.role, sizes):
+        for cmd in disk_commands(self.guest, self.host, self.role, sizes, self.generation):
             await self.host.run(*cmd)
         self.qmp_path.unlink(missing_ok=True)
         self.log = self.host.run_dir / f"{self.guest.name}.{self.role}.log"
@@ -612,19 +640,22 @@ async def resync_disks(primary: Vm, secondary_ip: str, ports: Ports, stall: floa
     COLO-FT.txt, "resume replication"): mirror each over NBD until every copy has caught up,
     then stop the VM and end the mirrors; replication then carries every later write, and
     entering COLO resumes the VM (a failure from here on is undone by primary_continue_alone,
-    which resumes it). The copies count only if every job ended without an error."""
+    which resumes it). The copies count only if every job ended without an error and copied
+    all it had to: the jobs are kept after they end (auto-dismiss off) to be read, then dismissed."""
     ws = disks(primary.guest)
     await reachable(primary.host, secondary_ip, ports.nbd)
     for w in ws:
         target = f"nbd://{secondary_ip}:{ports.nbd}/{w.parent}"
         mirror = {"device": w.quorum, "job-id": w.job, "target": target, "mode": "existing",
-                  "format": "raw", "sync": "full"}  # fmt: skip
+                  "format": "raw", "sync": "full", "auto-dismiss": False}  # fmt: skip
         await primary.execute("drive-mirror", mirror)
     progress = Progress("the disk copy", stall)
     while True:
         jobs = {j["device"]: j for j in await primary.execute("query-block-jobs")}
-        if missing := [w.job for w in ws if w.job not in jobs]:
-            raise DataPlaneError(f"the disk copy {', '.join(missing)} ended before it caught up")
+        if missing := [w.job for w in ws if w.job not in jobs or jobs[w.job].get("status") == "concluded"]:
+            why = [f"{n}: {jobs[n]['error']}" for n in missing if jobs.get(n, {}).get("error")]
+            raise DataPlaneError(f"the disk copy {', '.join(missing)} ended before it caught up"
+                                 + (f" ({'; '.join(why)})" if why else ""))  # fmt: skip
         if all(jobs[w.job].get("ready") for w in ws):
             break
         progress.check(tuple(jobs[w.job].get("offset") for w in ws))
@@ -632,9 +663,29 @@ async def resync_disks(primary: Vm, secondary_ip: str, ports: Ports, stall: floa
     await primary.execute("stop")
     for w in ws:
         await primary.execute("block-job-cancel", {"device": w.job})  # a ready mirror: completes
-    while any(_is_resync(j["device"]) for j in await primary.execute("query-block-jobs")):
+    while True:
+        jobs = {j["device"]: j for j in await primary.execute("query-block-jobs") if _is_resync(j["device"])}
+        if all(j.get("status") == "concluded" for j in jobs.values()):
+            break
         progress.check(None)
         await asyncio.sleep(0.05)
+    for w in ws:
+        await primary.execute("block-job-dismiss", {"id": w.job})
+    if failed := copy_failures([jobs.get(w.job) for w in ws], [w.job for w in ws]):
+        raise DataPlaneError("the disk copy failed: " + "; ".join(failed))
+
+
+def copy_failures(jobs: list[dict | None], names: list[str]) -> list[str]:
+    """Why ended mirror jobs (query-block-jobs entries, status concluded) do not make copies."""
+    why = []
+    for name, job in zip(names, jobs, strict=True):
+        if job is None:
+            why.append(f"{name} vanished before it could be read")
+        elif job.get("error"):
+            why.append(f"{name}: {job['error']}")
+        elif job.get("offset") != job.get("len"):
+            why.append(f"{name} copied {job.get('offset')} of {job.get('len')} bytes")
+    return why
 
 
 COLO_CAPABILITY = {"capabilities": [{"capability": "x-colo", "state": True}]}
@@ -695,7 +746,9 @@ async def primary_continue_alone(primary: Vm, mode: Mode, peer_lost: bool = Fals
         if hung:
             await primary.execute("yank", {"instances": hung})
     for job in await primary.execute("query-block-jobs"):
-        if _is_resync(job["device"]):
+        if _is_resync(job["device"]) and job.get("status") == "concluded":  # ended, kept to be read
+            await primary.execute("block-job-dismiss", {"id": job["device"]})
+        elif _is_resync(job["device"]):
             await primary.execute("block-job-cancel", {"device": job["device"], "force": True})
     migration = (await primary.execute("query-migrate")).get("status")
     if migration in ("setup", "active", "pre-switchover", "device"):
@@ -711,7 +764,10 @@ async def primary_continue_alone(primary: Vm, mode: Mode, peer_lost: bool = Fals
             await primary.execute("object-del", {"id": obj})
     if (await primary.execute("query-colo-status"))["mode"] == "primary":
         await primary.execute("x-colo-lost-heartbeat")
-    while any(_is_resync(j["device"]) for j in await primary.execute("query-block-jobs")):
+    while resync := [j for j in await primary.execute("query-block-jobs") if _is_resync(j["device"])]:
+        for job in resync:
+            if job.get("status") == "concluded":  # a cancelled copy waits to be dismissed
+                await primary.execute("block-job-dismiss", {"id": job["device"]})
         await asyncio.sleep(0.05)
     if (await primary.execute("query-status"))["status"] in ("paused", "postmigrate"):
         await primary.execute("cont")

@@ -100,6 +100,7 @@ class Daemon:
                 for tap in colo.tap_names(name, entry.slot):
                     with contextlib.suppress(colo.DataPlaneError):
                         await self.host.run("ip", "link", "del", tap)
+                await self.driver(name).settle_copies(entry)
                 self.events.emit(
                     "dropped", vm=name, role=entry.role, pid=entry.qemu.pid, why="exited meanwhile"
                 )
@@ -348,7 +349,9 @@ class Daemon:
         return await self.driver(spec.name).submit("vm_start", guest=spec)
 
     async def peer_info(self, body) -> dict:
-        return {"host": self.cfg.host, "free_mib": free_mib(), "build": self.cluster.build}
+        bridges = await asyncio.to_thread(vmspec.host_bridges, self.host.prefix)
+        return {"host": self.cfg.host, "free_mib": free_mib(), "build": self.cluster.build,
+                "bridges": sorted(bridges), "bridge": self.cfg.bridge}  # fmt: skip
 
 
 def spec_from(body: dict) -> vmspec.VmSpec:

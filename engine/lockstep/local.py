@@ -12,7 +12,7 @@ import contextlib
 import json
 import os
 import signal
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
@@ -70,6 +70,9 @@ class Local:
     generation: int = 0
     watcher: Proc | None = None
     journal: str | None = None  # the watcher's JSON lines
+    # a secondary's copies of the disk images on the datastore (copy -> image, images.py): they
+    # become the images if this side goes live, and go when its QEMU goes otherwise
+    copies: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)

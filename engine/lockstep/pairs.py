@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import api, arbiter, colo, failover, placement, vmspec
+from . import api, arbiter, colo, failover, images, placement, vmspec
 from .config import Config
 from .events import EventLog
 from .failover import Outcome
@@ -224,6 +224,7 @@ class PairDriver:
 
         try:
             await colo.primary_continue_alone(self.vm, colo.Mode(record.mode))  # clean start
+            await self.sweep_copies(record)  # earlier secondaries' copies, from hosts that never came back
             if not await self.guest_nic_ready(record):
                 raise colo.DataPlaneError(f"the guest's NIC driver was not up within {GUEST_NIC_TIMEOUT_S} s")
             others = await self.c.store.load_all()
@@ -330,7 +331,10 @@ class PairDriver:
         async def info(host: str) -> placement.HostInfo:
             try:
                 answer = await self.c.peers.call(host, "GET", "/peer/info")
-                return placement.HostInfo(host, int(answer["free_mib"]), answer.get("build"))
+                bridges = answer.get("bridges")  # None from a daemon of before: not checked
+                return placement.HostInfo(host, int(answer["free_mib"]), answer.get("build"),
+                                          None if bridges is None else frozenset(bridges),
+                                          answer.get("bridge"))  # fmt: skip
             except (api.ApiError, KeyError, ValueError, TypeError):
                 return placement.HostInfo(host, -1)
 
@@ -370,10 +374,18 @@ class PairDriver:
     # --- this host's processes -----------------------------------------------------------
 
     async def launch(self, record: Record, slot: str, argv: list[str], tap_up: bool) -> colo.Vm:
-        vm = colo.Vm(vmspec.from_record(record.guest), self.c.host, slot)
-        await vm.start(argv, tap_up=tap_up)
+        guest = vmspec.from_record(record.guest)
+        vm = colo.Vm(guest, self.c.host, slot, record.generation)
+        copies = colo.image_copies(guest, self.c.me, record.generation) if slot == "secondary" else {}
+        try:
+            await vm.start(argv, tap_up=tap_up)
+        except Exception:
+            vm.kill()
+            with contextlib.suppress(StoreUnavailable):  # else the owner's sweep removes them
+                await self.c.store.call(images.remove, list(copies))
+            raise
         self.attach(vm)
-        self.c.local.put(Local(self.name, slot, slot, Proc.of(vm.proc.pid), record.generation))
+        self.c.local.put(Local(self.name, slot, slot, Proc.of(vm.proc.pid), record.generation, copies=copies))
         return vm
 
     def attach(self, vm: colo.Vm) -> None:
@@ -399,6 +411,7 @@ class PairDriver:
             for tap in colo.tap_names(self.name, entry.slot):
                 with contextlib.suppress(colo.DataPlaneError):
                     await self.c.host.run("ip", "link", "del", tap)
+            await self.settle_copies(entry)
         self.c.local.pop(self.name)
         self.c.events.emit(
             "dropped",
@@ -409,6 +422,66 @@ class PairDriver:
             **({} if gone else {"detail": "the QEMU did not exit (stuck in the kernel)"}),
         )
         return True
+
+    async def settle_copies(self, entry: Local) -> None:
+        """A QEMU of this host is gone: its copies of the disk images become the images if its
+        side holds their generation's token (it ran the VM: their data is the newest), and are
+        removed otherwise. One the datastore does not take now is left for the owner's sweep."""
+        if not entry.copies:
+            return
+        try:
+            generation = images.generation_of(next(iter(entry.copies)))
+            holder = await self.holder(generation)
+            if holder == failover.side_id(self.c.me, "secondary"):
+                done = await self.c.store.call(images.adopt, entry.copies)
+                self.c.events.emit("images_adopted", vm=self.name, images=done, generation=generation)
+            else:
+                await self.c.store.call(images.remove, list(entry.copies))
+            entry.copies = {}
+        except StoreUnavailable as e:
+            self.c.events.emit("copies_left", vm=self.name, copies=sorted(entry.copies), detail=str(e))
+
+    async def adopt_copies(self, entry: Local) -> None:
+        """This side went live on its copies (it holds the token): they become the images, so the
+        image paths name the VM's disks again. Retried at each tick while the datastore fails."""
+        if not entry.copies:
+            return
+        try:
+            done = await self.c.store.call(images.adopt, entry.copies)
+        except StoreUnavailable as e:
+            self.c.events.emit("images_not_adopted", vm=self.name, detail=str(e), retry="next tick")
+            return
+        self.c.events.emit("images_adopted", vm=self.name, images=done,
+                           generation=images.generation_of(next(iter(entry.copies))))  # fmt: skip
+        entry.copies = {}
+        self.c.local.put(entry)
+
+    async def adopt_pending(self, record: Record) -> None:
+        """Before the VM is stopped for good: if it runs on copies not adopted yet, they become the
+        images now, or nothing is stopped (its newest data would be left under a copy's name)."""
+        entry = self.c.local.get(self.name)
+        if entry is not None and entry.role == "primary" and entry.copies:
+            await self.adopt_copies(entry)
+            if entry.copies:
+                raise StoreUnavailable(f"{self.name} runs on copies the datastore does not rename now: "
+                                       f"{', '.join(sorted(entry.copies))}; ask again")  # fmt: skip
+
+    async def sweep_copies(self, record: Record, every: bool = False) -> None:
+        """Copies of the pair's images that no secondary can use any more: of generations before
+        the record's (each of their tokens was taken before a new generation began), or every one
+        once the VM is powered off (its token taken). This host's own, not adopted yet, stay."""
+        spec = vmspec.from_record(record.guest)
+        paths = [d.path for d in spec.disks if not d.create]
+        entry = self.c.local.get(self.name)
+        keep = set(entry.copies) if entry is not None else set()
+        try:
+            before = 1 << 62 if every else record.generation
+            found = await self.c.store.call(images.stale, paths, self.name, before, keep)
+            if found:
+                await self.c.store.call(images.remove, found)
+                self.c.events.emit("copies_removed", vm=self.name, copies=found)
+        except StoreUnavailable as e:
+            self.c.events.emit("copies_left", vm=self.name, detail=str(e))
 
     # --- operations (the local API; only the primary's host takes them) -------------------
 
@@ -502,13 +575,21 @@ class PairDriver:
         is removed. A pair with no copy left (lost) can be cleaned up from any host."""
         record = await self.record()
         if record.state == FtState.LOST and record.primary.host != self.c.me:
-            await self.claim(record.generation, "primary")  # whoever holds it, nothing may go live now
+            # whoever holds it, nothing may go live now; a secondary that held it ran the VM last
+            verdict = await self.claim(record.generation, "primary")
+            if verdict.holder and verdict.holder.endswith("/secondary"):
+                spec, host = vmspec.from_record(record.guest), failover.holder_host(verdict.holder)
+                copies = colo.image_copies(spec, host, record.generation)
+                self.c.events.emit("images_adopted", vm=self.name, generation=record.generation,
+                                   images=await self.c.store.call(images.adopt, copies))  # fmt: skip
         else:
             record = await self.owned()
+            await self.adopt_pending(record)
             await self.stop_protecting()
             record = await self.owned()
             await self.unprotect(record)
         await self.drop_local("powered off")
+        await self.sweep_copies(record, every=True)
         await self.c.store.delete(record)
         await self.c.store.call(release_ports, record.ports_base, self.name)
         self.c.events.emit("powered_off", vm=self.name)
@@ -603,6 +684,7 @@ class PairDriver:
         record = await self.c.store.load(self.name)
         if (journal.verdict or {}).get("outcome") != "live" or journal.verdict.get("failed_steps"):
             await self.finish_going_live(entry, colo.Mode(record.mode) if record else self.c.mode)
+        await self.adopt_copies(entry)  # before the record says so: the images are this side's
         if record is None or record.generation != entry.generation:
             why = "this side holds the VM but the record is of another generation"
             self.c.events.emit("conflict", vm=self.name, generation=entry.generation, detail=why)
@@ -645,8 +727,10 @@ class PairDriver:
             return  # a secondary's guest shuts down with its primary's: the primary's daemon acts
         await self.stop_protecting()
         record = await self.record()
+        await self.adopt_pending(record)
         await self.unprotect(record)
         await self.drop_local("the guest powered off")
+        await self.sweep_copies(record, every=True)
         await self.c.store.delete(record)
         await self.c.store.call(release_ports, record.ports_base, self.name)
         self.c.events.emit("powered_off", vm=self.name, by="guest")
@@ -674,6 +758,8 @@ class PairDriver:
             return
         if record is None or record.primary.host != self.c.me:
             return
+        if entry.copies:  # went live, but the datastore did not take the renames then
+            await self.adopt_copies(entry)
         if not entry.qemu.alive() and entry.watcher is None:
             await self.drop_local("the QEMU exited")
             if record.state != FtState.LOST:
@@ -737,7 +823,8 @@ class PairDriver:
         )
         ports = colo.Ports(record.ports_base)
         guest = vmspec.from_record(record.guest)
-        argv = colo.secondary_argv(guest, self.c.host, primary, ports, colo.Mode(record.mode))
+        mode = colo.Mode(record.mode)
+        argv = colo.secondary_argv(guest, self.c.host, primary, ports, mode, record.generation)
         vm = await self.launch(record, "secondary", argv, tap_up=False)
         await colo.prepare_secondary(vm, ports)
         self.c.events.emit("secondary_started", vm=self.name, primary=record.primary.host, pid=vm.proc.pid,

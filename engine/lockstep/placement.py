@@ -2,13 +2,15 @@
 
 Never the primary's host (anti-affinity); free memory at least twice the guest's RAM (the
 secondary and its checkpoint buffer); per-host caps on FT VMs and their vCPUs, primaries and
-secondaries counted; the FT-logging bandwidth budget. The preferred host wins when it fits;
-otherwise the fitting host with the fewest FT VMs, then the most free memory."""
+secondaries counted; the FT-logging bandwidth budget; every bridge the VM's NICs are on. The
+preferred host wins when it fits; otherwise the fitting host with the fewest FT VMs, then the
+most free memory."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import vmspec
 from .config import Caps
 from .records import Record
 
@@ -18,6 +20,8 @@ class HostInfo:
     name: str
     free_mib: int  # MemAvailable; -1 when the host did not answer
     build: str | None = None  # its QEMU build (the probe's): both sides of a pair run the same
+    bridges: frozenset[str] | None = None  # its bridges (None: not known, not checked)
+    default_bridge: str | None = None  # the bridge of a NIC that names none
 
 
 def load(records: dict[str, Record], host: str) -> tuple[int, int, int]:
@@ -57,6 +61,11 @@ def refusals(
         return why
     if build is not None and host.build != build:
         why.append(f"{host.name} runs QEMU {host.build}, the primary {build}: both sides need the same build")
+    if host.bridges is not None:  # the secondary's tap joins the same bridge at failover
+        spec = vmspec.from_record(guest)
+        why += [
+            f"{host.name}: {w}" for w in vmspec.missing_bridges(spec, set(host.bridges), host.default_bridge)
+        ]
     need = 2 * int(guest.get("memory_mib", 256))
     if host.free_mib < need:
         why.append(f"{host.name} has {host.free_mib} MiB free, the secondary needs {need}")

@@ -279,10 +279,7 @@ def check_host(spec: VmSpec, facts: HostFacts, others: dict[str, VmSpec]) -> lis
             problems.append(f"disks[{i}]: image {disk.path} does not exist (an image is never created)")
         elif (found := facts.images.get(disk.path)) and found != disk.format:
             problems.append(f"disks[{i}]: {disk.path} is a {found} image, not {disk.format}")
-    for i, nic in enumerate(spec.nics):
-        bridge = nic.bridge or facts.default_bridge
-        if bridge not in facts.bridges:
-            problems.append(f"nics[{i}]: bridge {bridge} does not exist on this host")
+    problems += missing_bridges(spec, facts.bridges, facts.default_bridge)
     for other in others.values():
         if other.name == spec.name:
             continue
@@ -301,15 +298,27 @@ def host_facts(spec: VmSpec, datastore: Path, default_bridge: str, machines: set
                prefix: tuple[str, ...] = ()) -> HostFacts:  # fmt: skip
     """Read what check_host needs from this host: its bridges (`ip link`) and the format of each
     image that exists (`qemu-img info -U`: the image may be open in a running QEMU)."""
-    out = subprocess.run(
-        [*prefix, "ip", "-j", "link", "show", "type", "bridge"], capture_output=True, text=True
-    )
-    bridges = {link["ifname"] for link in json.loads(out.stdout or "[]")} if out.returncode == 0 else set()
     images = {}
     for disk in spec.disks:
         if disk.path and Path(disk.path).is_file():
             images[disk.path] = image_format(disk.path, prefix)
-    return HostFacts(Path(datastore), bridges, default_bridge, machines, images)
+    return HostFacts(Path(datastore), host_bridges(prefix), default_bridge, machines, images)
+
+
+def host_bridges(prefix: tuple[str, ...] = ()) -> set[str]:
+    out = subprocess.run(
+        [*prefix, "ip", "-j", "link", "show", "type", "bridge"], capture_output=True, text=True
+    )
+    return {link["ifname"] for link in json.loads(out.stdout or "[]")} if out.returncode == 0 else set()
+
+
+def missing_bridges(spec: VmSpec, bridges: set[str], default_bridge: str) -> list[str]:
+    """Why a host lacks what the VM's NICs are on (the primary's host and a secondary's alike)."""
+    return [
+        f"nics[{i}]: bridge {nic.bridge or default_bridge} does not exist on this host"
+        for i, nic in enumerate(spec.nics)
+        if (nic.bridge or default_bridge) not in bridges
+    ]
 
 
 def image_info(path: str, prefix: tuple[str, ...] = ()) -> dict:

@@ -106,6 +106,23 @@ def test_placement_honours_the_preferred_host_memory_and_every_cap():
     assert why == ["h2's FT-logging budget of 500 Mb/s is used up (0)"]
 
 
+def test_placement_refuses_a_host_that_lacks_a_bridge_of_the_vms_nics():
+    """Before: the secondary's host was not checked, and the protect failed late (its tap could
+    not join the bridge) or, worse, the VM came up at failover on a network that is not there."""
+    new = record("vm", "h1")
+    nics = [{"mac": "52:54:00:00:00:01"}, {"mac": "52:54:00:00:00:02", "bridge": "vmbr1"}]
+    new.guest = {"spec_version": 1, "name": "vm", "kernel": "/k", "disks": [], "nics": nics}
+    h2 = placement.HostInfo("h2", 9000, bridges=frozenset({"vmbr0"}), default_bridge="vmbr0")
+    h3 = placement.HostInfo("h3", 9000, bridges=frozenset({"vmbr0", "vmbr1"}), default_bridge="vmbr0")
+    assert placement.choose([h2, h3], new, {}, config.Caps()) == ("h3", [])
+    lacking = placement.HostInfo("h3", 9000, bridges=frozenset(), default_bridge="br9")
+    assert placement.choose([h2, lacking], new, {}, config.Caps()) == (None, [
+        "h2: nics[1]: bridge vmbr1 does not exist on this host",
+        "h3: nics[0]: bridge br9 does not exist on this host",
+        "h3: nics[1]: bridge vmbr1 does not exist on this host",
+    ])  # fmt: skip
+
+
 def test_turning_ft_on_counts_the_primary_against_its_hosts_cap():
     existing = {str(i): record(str(i), "h1", "h2") for i in range(4)}
     assert placement.admit("h1", {"vcpus": 1}, existing, config.Caps(), "new") == [

@@ -2,7 +2,8 @@
 on the shared datastore (raw and qcow2) and two NICs. A bad description is refused with every
 reason and nothing started; a VM powered off and started again keeps its disks; protected and
 failed over twice, what was written to both disks before and after FT was on reads back byte-exact
-on the survivor, and both NICs carry traffic after it."""
+on the survivor, and both NICs carry traffic after it; powered off then, and started again from
+its spec, it has what it wrote last, and no copy of its images is left on the datastore."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import subprocess
 
 import pytest
 
-from ftlab import engine, lab
+from ftlab import audit, engine, lab
 from ftlab import topology as t
 from ftlab.guest import StreamFollower, client_run
 from ftlab.proc import in_node
@@ -130,5 +131,18 @@ def test_two_disks_two_nics_keep_their_data_across_a_restart_and_two_failovers(c
         for address in (ip, IP2):  # each NIC answers its own address (arp_ignore in the guest)
             result = client_run(address, "--stream-bytes", str(MiB), "--echo-bytes", str(64 << 10))
             assert result["ok"], (address, result)
+        audit.clean(NAME)  # among others: the only copies on the datastore are the secondary's
+        # After two failovers the VM runs on what was a secondary's copy; that copy became the
+        # image, so the VM powered off and started from its spec has what it wrote last. Before,
+        # it ran on a copy in the survivor's run directory and came back from the image as it was
+        # at the first failover.
+        disk(ip, "--disk-write", 1, seed=15)
+        power_off()
+        audit.clean(NAME, gone=True)  # no copy of either image left
+        assert sorted(p.name for p in images[0].parent.iterdir()) == sorted(p.name for p in images)
+        assert engine.ok(1, "POST", "/vms", spec(images))["changed"]
+        started()
+        disk(ip, "--disk-read", 1, seed=15)
+        disk(ip, "--disk-read", 2, seed=14)
     finally:
         power_off()

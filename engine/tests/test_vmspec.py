@@ -208,12 +208,13 @@ def test_two_disks_two_nics_q35_primary():
 
 
 def test_two_disks_two_nics_secondary_lockstep():
-    argv = colo.secondary_argv(two_by_two(), SECONDARY, PRIMARY, PORTS, colo.Mode.LOCKSTEP)
+    argv = colo.secondary_argv(two_by_two(), SECONDARY, PRIMARY, PORTS, colo.Mode.LOCKSTEP, generation=3)
     drives = options(argv, "-drive")
-    assert drives[0] == "if=none,id=parent0,file.filename=/run/ft/db1.disk.raw,driver=raw"
-    assert drives[3] == "if=none,id=parent1,file.filename=/run/ft/db1.disk1.raw,driver=raw"
+    assert drives[0] == "if=none,id=parent0,file.filename=/ds/.db1-root.raw.db1.ft-h2-g3,driver=raw"
+    assert drives[3] == "if=none,id=parent1,file.filename=/ds/.db1-data.qcow2.db1.ft-h2-g3,driver=qcow2"
     assert "top-id=colo-disk1" in drives[4] and "/run/ft/db1.active1.qcow2" in drives[4]
-    assert not any("/ds/" in d for d in drives)  # the secondary never opens the primary's image
+    # the secondary never opens the primary's image, only its own copy
+    assert not any("/ds/db1-" in d for d in drives)
     objects = options(argv, "-object")
     n1 = PORTS.nic(1)
     assert f"socket,id=red0-n1,host=10.1.0.1,port={n1.mirror},reconnect=1" in options(argv, "-chardev")
@@ -234,13 +235,28 @@ def test_each_nic_has_ports_of_its_own_inside_the_pairs_block():
 def test_image_disks_are_never_created_only_the_secondarys_copies_and_scratch_disks():
     """A VM powered off and started again keeps its disks: the primary makes nothing of them."""
     assert colo.disk_commands(two_by_two(), PRIMARY, "primary", {}) == []
-    made = colo.disk_commands(two_by_two(), SECONDARY, "secondary", {0: 1 << 30, 1: 2 << 30})
-    assert [c[-2] for c in made] == [
-        f"/run/ft/db1.{layer}{n}.{ext}"
-        for n in ("", "1")
-        for layer, ext in (("disk", "raw"), ("active", "qcow2"), ("hidden", "qcow2"))
+    made = colo.disk_commands(two_by_two(), SECONDARY, "secondary", {0: 1 << 30, 1: 2 << 30}, generation=7)
+    # each image's copy beside it on the datastore, in its format (it becomes the image if this
+    # side goes live: images.adopt); the replication overlays in the run directory
+    assert [(c[-3], c[-2], c[-1]) for c in made] == [
+        ("raw", "/ds/.db1-root.raw.db1.ft-h2-g7", str(1 << 30)),
+        ("qcow2", "/run/ft/db1.active.qcow2", str(1 << 30)),
+        ("qcow2", "/run/ft/db1.hidden.qcow2", str(1 << 30)),
+        ("qcow2", "/ds/.db1-data.qcow2.db1.ft-h2-g7", str(2 << 30)),
+        ("qcow2", "/run/ft/db1.active1.qcow2", str(2 << 30)),
+        ("qcow2", "/run/ft/db1.hidden1.qcow2", str(2 << 30)),
     ]
-    assert {c[-1] for c in made} == {str(1 << 30), str(2 << 30)}
+    assert colo.image_copies(two_by_two(), "h2", 7) == {
+        "/ds/.db1-root.raw.db1.ft-h2-g7": "/ds/db1-root.raw",
+        "/ds/.db1-data.qcow2.db1.ft-h2-g7": "/ds/db1-data.qcow2",
+    }
+    argv = " ".join(colo.disk_argv(two_by_two(), SECONDARY, "secondary", 7))
+    assert "id=parent0,file.filename=/ds/.db1-root.raw.db1.ft-h2-g7,driver=raw" in argv
+    assert "id=parent1,file.filename=/ds/.db1-data.qcow2.db1.ft-h2-g7,driver=qcow2" in argv
+    assert colo.disk_commands(lab_guest(), SECONDARY, "secondary", {}) == [  # a scratch disk's copy: local
+        ["qemu-img", "create", "-q", "-f", fmt, f"/run/ft/demo.{layer}.{fmt}", "16M"]
+        for layer, fmt in (("disk", "raw"), ("active", "qcow2"), ("hidden", "qcow2"))
+    ]
     assert colo.disk_commands(lab_guest(), PRIMARY, "primary", {}) == [
         ["qemu-img", "create", "-q", "-f", "raw", "/run/ft/demo.disk.raw", "16M"]
     ]
@@ -252,20 +268,32 @@ def test_image_disks_are_never_created_only_the_secondarys_copies_and_scratch_di
 class RecordingVm:
     """A fake of one QEMU at its QMP boundary: records the commands, answers as a QEMU would."""
 
-    def __init__(self, guest, role, objects=(), nodes=()):
+    def __init__(self, guest, role, objects=(), nodes=(), copied=None):
         self.guest, self.role = guest, role
         self.host = colo.Host(name="h", ft_ip="10.1.0.9", run_dir=Path("/nonexistent"), prefix=("true",))
         self.sent: list[tuple[str, dict | None]] = []
         self.objects, self.nodes = list(objects), list(nodes)
+        self.copied = copied or {}  # job -> how its mirror ended: {"offset": ..., "error": ...}
+
+    def block_jobs(self) -> list[dict]:
+        """drive-mirror jobs as QEMU lists them: ready until cancelled, then concluded (auto-dismiss
+        off) until dismissed."""
+        cancelled = {a["device"] for c, a in self.sent if c == "block-job-cancel"}
+        dismissed = {a["id"] for c, a in self.sent if c == "block-job-dismiss"}
+        jobs = []
+        for w in colo.disks(self.guest):
+            if w.job in dismissed or not any(c == "drive-mirror" for c, _ in self.sent):
+                continue
+            job = {"device": w.job, "ready": True, "status": "ready", "offset": 4096, "len": 4096}
+            if w.job in cancelled:
+                job |= {"status": "concluded"} | self.copied.get(w.job, {})
+            jobs.append(job)
+        return jobs
 
     async def execute(self, cmd, args=None, timeout=10.0):
         self.sent.append((cmd, args))
         answers = {
-            "query-block-jobs": [
-                {"device": w.job, "ready": True, "offset": 1} for w in colo.disks(self.guest)
-            ]
-            if cmd == "query-block-jobs" and not any(c == "block-job-cancel" for c, _ in self.sent)
-            else [],
+            "query-block-jobs": self.block_jobs() if cmd == "query-block-jobs" else [],
             "query-migrate": {"status": "colo"},
             "qom-list": [{"name": o} for o in self.objects],
             "query-named-block-nodes": [{"node-name": n} for n in self.nodes],
@@ -323,6 +351,22 @@ def test_replication_commands_per_disk_and_nic():
     secondary = RecordingVm(two_by_two(), "secondary")
     asyncio.run(colo.prepare_secondary(secondary, PORTS))
     assert [a["device"] for a in sent(secondary, "nbd-server-add")] == ["parent0", "parent1"]
+
+
+@pytest.mark.parametrize(
+    "ended, why",
+    [
+        ({"error": "Input/output error"}, "resync1: Input/output error"),
+        ({"offset": 1024}, "resync1 copied 1024 of 4096 bytes"),
+    ],
+)
+def test_a_copy_that_ended_badly_never_counts(ended, why):
+    """The secondary's copy counts only if its mirror ended without an error and copied all."""
+    primary = RecordingVm(two_by_two(), "primary", copied={"resync1": ended})
+    with pytest.raises(colo.DataPlaneError, match=f"the disk copy failed: {why}"):
+        asyncio.run(colo.start_replication(primary, "10.1.0.2", PORTS, 100, colo.Mode.LOCKSTEP))
+    assert [a["id"] for a in sent(primary, "block-job-dismiss")] == ["resync", "resync1"]  # none kept
+    assert sent(primary, "migrate") == []  # replication never started
 
 
 def test_takeover_and_undo_cover_every_nic_and_disk():

@@ -10,7 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from lockstep import colo, records
+from lockstep import colo, images, records, vmspec
 
 from . import engine
 from . import topology as t
@@ -74,6 +74,8 @@ def problems(name: str, gone: bool = False) -> list[str]:
         if len(running[i]) > 1:
             found.append(f"lab-h{i} runs {len(running[i])} QEMUs of {name}")
     if gone or record is None:
+        if left := sorted(p.name for p in t.DATASTORE.rglob(f".*.{name}.ft-*")):
+            found.append(f"copies of {name}'s images left on the datastore: {left}")
         if record is not None:
             found.append(f"{name} was powered off but its record remains ({record.state})")
         found += [f"lab-h{i} still runs a QEMU of {name}" for i in HOSTS if qemus(i, name)]
@@ -103,6 +105,12 @@ def problems(name: str, gone: bool = False) -> list[str]:
             found.append(f"lab-h{i} has a tap of {name} that nothing uses: {sorted(tap_state[i])}")
         if watchers(i, name) and (record.state not in ("running", "starting") or i not in expected_hosts):
             found.append(f"lab-h{i} runs a watcher of {name} while it is {record.state}")
+    paths = [d.path for d in vmspec.from_record(record.guest).disks if not d.create]
+    copies = {(host, gen) for _p, host, gen in images.copies_of(paths, name)}
+    wanted = {(record.secondary.host, record.generation)} if record.secondary else set()
+    if record.state == "running" and copies != (wanted if paths else set()):
+        found.append(f"copies of {name}'s images: {sorted(copies)}, where only the secondary's "
+                     f"{sorted(wanted)} may be")  # fmt: skip
     token_dir = t.DATASTORE / ".ft" / name
     future = [
         p.name
