@@ -40,7 +40,7 @@ def taps(index: int, name: str) -> dict[str, bool]:
     """The pair's taps on a lab host and whether each is up."""
     out = subprocess.run(["ip", "netns", "exec", t.host(index).netns, "ip", "-j", "link"],
                          capture_output=True, text=True, check=True).stdout  # fmt: skip
-    mine = {colo.tap_name(colo.Guest(name=name, mac=""), role) for role in ("primary", "secondary")}
+    mine = {tap for role in ("primary", "secondary") for tap in colo.tap_names(name, role)}  # every NIC's
     return {
         link["ifname"]: "UP" in link.get("flags", []) for link in json.loads(out) if link["ifname"] in mine
     }
