@@ -100,7 +100,11 @@ options:
         elements: dict
         suboptions:
           path:
-            description: The disk image on the shared datastore; it must exist and is never created.
+            description:
+              - The disk image on the shared datastore; it must exist and is never created.
+              - This path always holds the VM's disk. A secondary keeps its copy beside it, as
+                C(.<image>.<vm>.ft-<host>-g<generation>), and that copy is renamed over the image when
+                the secondary takes over; so the directory must be writable by lockstepd on every host.
             type: path
           format:
             description: Image format.
