@@ -53,18 +53,25 @@ def contents(rig: Rig) -> dict[str, str]:
     return {p.name: p.read_text() for p in files}
 
 
+async def secondary_that_won(rig: Rig):
+    """h1 runs the secondary of a pair with two images, made its copies, and its watcher won the
+    token and ended: the driver and the copies."""
+    copies = with_images(rig, FtState.RUNNING, primary="h2", secondary="h1")
+    made(copies)
+    driver = await rig.driver()
+    won = journal({"event": "claimed", "won": True, "holder": "h1/secondary", "generation": 3})
+    entry = await rig.running_side(driver, "secondary", journal=won)
+    entry.copies = copies
+    rig.local.put(entry)
+    return driver, copies
+
+
 def test_a_secondary_that_goes_live_makes_its_copies_the_images(rig):
     """Before: the VM ran on the secondary's copies in its run directory after a failover, so a
     VM powered off and started from its spec came back with the disks of the failover's moment."""
 
     async def scenario():
-        copies = with_images(rig, FtState.RUNNING, primary="h2", secondary="h1")
-        made(copies)
-        driver = await rig.driver()
-        won = journal({"event": "claimed", "won": True, "holder": "h1/secondary", "generation": 3})
-        entry = await rig.running_side(driver, "secondary", journal=won)
-        entry.copies = copies
-        rig.local.put(entry)
+        driver, copies = await secondary_that_won(rig)
         await driver.submit("watcher_ended")
         assert contents(rig) == {"data.qcow2": "copy", "root.raw": "copy"}  # and no copy left beside them
         assert rig.local.get("vm").copies == {}
@@ -94,13 +101,7 @@ def test_a_secondary_that_lost_removes_its_copies_and_never_touches_the_images(r
 
 def test_a_rename_the_datastore_refuses_is_retried_and_the_copies_are_never_swept(rig, monkeypatch):
     async def scenario():
-        copies = with_images(rig, FtState.RUNNING, primary="h2", secondary="h1")
-        made(copies)
-        driver = await rig.driver()
-        won = journal({"event": "claimed", "won": True, "holder": "h1/secondary", "generation": 3})
-        entry = await rig.running_side(driver, "secondary", journal=won)
-        entry.copies = copies
-        rig.local.put(entry)
+        driver, copies = await secondary_that_won(rig)
         real = images.adopt
 
         def refused(*_):
