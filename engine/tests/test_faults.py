@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 
@@ -20,7 +21,7 @@ import pytest
 from ftlab import audit, engine, faults
 from ftlab import topology as t
 from ftlab.colopair import set_links
-from ftlab.guest import StreamFollower
+from ftlab.guest import StreamFollower, client_run
 from ftlab.proc import LabError, wait_for
 from lockstep import qmp
 
@@ -471,6 +472,38 @@ def test_a_secondary_without_its_datastore_never_goes_live_and_takes_over_once_i
         assert result["ok"], result
     finally:
         power_off(name)
+
+
+def test_a_secondary_whose_datastore_hangs_under_its_disk_copy_leaves_the_primary_serving(cluster):
+    """A secondary's copy of a disk image lives on the datastore (ADR 0006): when only its host's
+    datastore hangs, its QEMU blocks on the copy and the primary's replicated writes wait for it.
+    The primary must go on alone (as for a secondary hung at a checkpoint), its disk writable."""
+    name, k = "ftcopy-hang", 23
+    image = t.DATASTORE / "vm-model" / f"{name}.raw"
+    image.parent.mkdir(exist_ok=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(image), "32M"], check=True)
+    body = engine.guest_body(name, k)
+    spec = {"spec_version": 1, "name": name, "memory_mib": body["memory_mib"], "kernel": body["kernel"],
+            "initrd": body["initrd"], "cmdline": body["cmdline"], "disks": [{"path": str(image)}],
+            "nics": [{"mac": t.guest_mac(k)}]}  # fmt: skip
+    try:
+        with faults.datastore(2, "mirror") as hang2, faults.datastore(3, "mirror") as hang3:
+            assert engine.ok(1, "POST", "/vms", spec)["changed"]
+            client = StreamFollower(t.guest_ip(k), timeout=300)
+            client.wait_for_bytes(1, 120)
+            view = engine.ok(1, "POST", f"/vms/{name}/enable", {})["vm"]
+            assert view["state"] == "running", view
+            (hang2 if view["secondary_host"] == "lab-h2" else hang3)()
+            result = client_run(t.guest_ip(k), "--disk-write", str(MiB), "--seed", "31", "--disk", "1")
+            assert result["ok"], result  # the primary's disk is not held by the hung secondary
+            client.wait_for_bytes(client.bytes + MiB // 2, 90)
+            view = engine.await_pair(name, lambda v: v["primary"] == "lab-h1" and v["state"] != "running", 90)
+        engine.await_pair(name, lambda v: v["state"] == "running", 180)  # protected again once it is back
+        assert client_run(t.guest_ip(k), "--disk-read", str(MiB), "--seed", "31", "--disk", "1")["ok"]
+        ends_clean(name, client)
+    finally:
+        power_off(name)
+        image.unlink(missing_ok=True)
 
 
 # --- names (R3) ----------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ the same path of one filesystem; inside a host's own mount namespace that path c
 - "gone": the same mirror with its server killed - every access fails at once (ENOTCONN), as on
   a soft mount (EIO, ESTALE);
 - "unmounted": an empty tmpfs over the path - the mount is missing and the directory underneath
-  shows through, the case where a host must never decide anything.
+  shows through, the case where a host must never decide anything;
+- "mirror": the FUSE mirror, working until the `hang()` the context gives is called - so that a
+  QEMU started meanwhile opens its files through it, and blocks on them once it hangs.
 Only that host is affected; leaving the context puts the datastore back."""
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from . import engine
 from . import topology as t
 from .proc import LabError, in_node, spawn, wait_for
 
-KINDS = ("hang", "gone", "unmounted")
+KINDS = ("hang", "gone", "unmounted", "mirror")
 
 
 def _in_host(index: int, *cmd: str) -> subprocess.CompletedProcess:
@@ -50,11 +52,16 @@ def datastore(index: int, kind: str):
             in_node(engine.holder(index), ["bindfs", "-f", str(t.DATASTORE), str(t.DATASTORE)]), log
         )
         wait_for(f"the FUSE datastore on lab-h{index}", lambda: _mounted(index).startswith("fuse"), 10)
-        os.kill(server, signal.SIGSTOP if kind == "hang" else signal.SIGKILL)
+        if kind != "mirror":
+            os.kill(server, signal.SIGSTOP if kind == "hang" else signal.SIGKILL)
+
+    def hang() -> None:
+        os.kill(server, signal.SIGSTOP)
+
     try:
-        yield
+        yield hang
     finally:
-        if server is not None and kind == "hang":
+        if server is not None and kind in ("hang", "mirror"):
             os.kill(server, signal.SIGCONT)
         while _mounted(index) in ("tmpfs", "fuse", "fuse.bindfs"):
             done = _in_host(index, "umount", "-l", str(t.DATASTORE))
