@@ -15,6 +15,7 @@ connection was kept: the same backend pid and postmaster start time at its start
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import signal
 import sys
@@ -95,7 +96,7 @@ def read_log(log: Path) -> dict:
 def longest_gap(times: list[float]) -> tuple[float, float | None]:
     """The longest time between two acknowledgements, and when it began."""
     gap, at = 0.0, None
-    for a, b in zip(times, times[1:], strict=False):
+    for a, b in itertools.pairwise(times):
         if b - a > gap:
             gap, at = b - a, a
     return gap, at
