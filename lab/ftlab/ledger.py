@@ -155,12 +155,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"ok": False, "error": str(e).strip()}))
         return 1
     with conn:
-        if not args.check:
-            first = args.first if args.first is not None else int(time.time() * 1000) * 1000
-            out = run(conn, args.log, first, args.seconds, stop)
-            if "error" in out:  # the connection is gone: check over a new one
-                conn = connect(args.host, args.db, args.user, args.connect_timeout)
-        result = check(conn, args.log)
+        first = args.first if args.first is not None else int(time.time() * 1000) * 1000
+        out = {} if args.check else run(conn, args.log, first, args.seconds, stop)
+        result = None if "error" in out else check(conn, args.log)
+    if result is None:  # the connection is gone: check over a new one
+        with connect(args.host, args.db, args.user, args.connect_timeout) as again:
+            result = check(again, args.log)
     print(json.dumps(result))
     return 0 if result["ok"] else 1
 
