@@ -773,6 +773,18 @@ async def primary_continue_alone(primary: Vm, mode: Mode, peer_lost: bool = Fals
         await primary.execute("cont")
 
 
+async def overlays_pending(vm: Vm) -> list[str]:
+    """The block replication overlays (active, hidden) a failed-over secondary still has: until the
+    failover's commit of them into its copies ends (an internal job of QEMU's replication driver,
+    not in query-block-jobs), the VM's newest writes are in the overlays in this host's run
+    directory, not in the copies (found by bench/database-local)."""
+    prefix = str(vm.host.run_dir / vm.guest.name)
+    nodes = await vm.execute("query-named-block-nodes", {"flat": True})
+    return sorted(
+        {n["file"] for n in nodes if n.get("file", "").startswith((f"{prefix}.active", f"{prefix}.hidden"))}
+    )
+
+
 async def has_block_node(vm: Vm, name: str) -> bool:
     """Whether the VM's block graph has this node. The failover steps follow what the running
     QEMU has (its nodes, its NBD exports), so whoever drives them - the driver, a watcher -

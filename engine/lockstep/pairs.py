@@ -33,6 +33,7 @@ from .store import RecordStore, StoreUnavailable
 
 GUEST_NIC_TIMEOUT_S = 600  # a VM protected while it boots waits this long for its NIC driver
 PEER_SEEN_TIMEOUT_S = 20  # both watchers hear each other, or the protect failed
+OVERLAY_COMMIT_TIMEOUT_S = 60  # a poweroff right after a failover waits this long for the disk commit
 
 
 class Conflict(api.ApiError):
@@ -457,10 +458,23 @@ class PairDriver:
         self.c.local.put(entry)
 
     async def adopt_pending(self, record: Record) -> None:
-        """Before the VM is stopped for good: if it runs on copies not adopted yet, they become the
-        images now, or nothing is stopped (its newest data would be left under a copy's name)."""
+        """Before the VM is stopped for good, its newest data must be in its images: a failover's
+        commit of the replication overlays into the copies has ended, and copies not adopted yet
+        become the images; or nothing is stopped."""
         entry = self.c.local.get(self.name)
-        if entry is not None and entry.role == "primary" and entry.copies:
+        if entry is None or entry.role != "primary":
+            return
+        deadline = time.monotonic() + OVERLAY_COMMIT_TIMEOUT_S
+        while (
+            entry.slot == "secondary"
+            and self.vm is not None
+            and (pending := await colo.overlays_pending(self.vm))
+        ):
+            if time.monotonic() > deadline:
+                raise Conflict(f"{self.name}: the failover's commit of {', '.join(pending)} into its disks "
+                               f"has not ended within {OVERLAY_COMMIT_TIMEOUT_S} s; ask again")  # fmt: skip
+            await asyncio.sleep(0.1)
+        if entry.copies:
             await self.adopt_copies(entry)
             if entry.copies:
                 raise StoreUnavailable(f"{self.name} runs on copies the datastore does not rename now: "

@@ -5,10 +5,12 @@ boundaries). The files are real files in a directory standing for the datastore.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from test_pairs_unit import Rig, journal, run
 
-from lockstep import arbiter, images, records, vmspec
+from lockstep import arbiter, images, pairs, records, vmspec
 from lockstep.records import Record, Side
 from lockstep.state import FtState
 
@@ -172,3 +174,52 @@ def test_a_copys_name_says_whose_it_is():
     assert images.generation_of(str(copy)) == 12
     m = images.COPY.match(copy.name)
     assert (m["image"], m["vm"], m["host"]) == ("db1-root.qcow2", "db1", "lab-h2")
+
+
+def test_a_poweroff_right_after_a_failover_waits_for_the_disk_commit(rig):
+    """Found by bench/database-local: after a takeover QEMU commits block replication's overlays
+    (in the run directory) into the copies in an internal job. A VM powered off before it ended
+    lost its newest writes: the adopted image lacked them. A real QMP client against a fake QEMU
+    whose overlay node goes once the commit ends."""
+
+    async def scenario():
+        rig.record(FtState.NEED_SECONDARY, primary="h1", secondary=None)
+        driver = await rig.driver()
+        entry = await rig.running_side(driver, "secondary", watcher=False)
+        entry.role = "primary"  # this host's secondary took over
+        rig.local.put(entry)
+        rig.qmp.answers["query-named-block-nodes"] = [
+            {"node-name": "#b1", "file": str(rig.run_dir / "vm.active.qcow2")}
+        ]
+        alive_when_committed = []
+
+        async def commit_ends():
+            await asyncio.sleep(0.5)
+            alive_when_committed.append(entry.qemu.alive())
+            rig.qmp.answers["query-named-block-nodes"] = []
+
+        ender = asyncio.create_task(commit_ends())
+        await driver.submit("poweroff", body={})
+        await ender
+        assert alive_when_committed == [True] and not entry.qemu.alive()
+
+    run(scenario())
+
+
+def test_a_disk_commit_that_does_not_end_refuses_the_poweroff_and_stops_nothing(rig, monkeypatch):
+    async def scenario():
+        monkeypatch.setattr(pairs, "OVERLAY_COMMIT_TIMEOUT_S", 0.3)
+        rig.record(FtState.NEED_SECONDARY, primary="h1", secondary=None)
+        driver = await rig.driver()
+        entry = await rig.running_side(driver, "secondary", watcher=False)
+        entry.role = "primary"
+        rig.local.put(entry)
+        rig.qmp.answers["query-named-block-nodes"] = [
+            {"node-name": "#b1", "file": str(rig.run_dir / "vm.hidden.qcow2")}
+        ]
+        refused = r"vm\.hidden\.qcow2 into its disks has not ended within 0\.3 s"
+        with pytest.raises(pairs.Conflict, match=refused):
+            await driver.submit("poweroff", body={})
+        assert entry.qemu.alive() and records.load(rig.datastore, "vm") is not None
+
+    run(scenario())
