@@ -763,6 +763,20 @@ class PairDriver:
             return
         record = await self.c.store.load(self.name)
         if entry.role == "secondary":
+            silent = self.c.peers.silent_for(record.primary.host) if record is not None else 0.0
+            if (
+                entry.watcher is None
+                and self.unwatched_replication(record, silent)
+                and await self.replicating_here()
+            ):
+                # The primary's daemon went away after replication began and before the watchers
+                # started: nothing watches the pair. Dropping this copy would stall a primary still
+                # in COLO with it (bench/faults: 2 runs in 20); this side's watcher watches instead,
+                # and takes over if no primary's watcher ever answers (the token decides).
+                why = f"the daemon on {record.primary.host} went silent mid-protect"
+                self.c.events.emit("watching_unasked", vm=self.name, generation=record.generation, detail=why)
+                await self.start_watcher(record, "secondary", record.primary.host)
+                return
             if entry.watcher is None and (
                 record is None or record.generation != entry.generation or record.state != FtState.STARTING
                 or record.secondary is None or record.secondary.host != self.c.me
@@ -771,6 +785,10 @@ class PairDriver:
                 await self.drop_local("a secondary of a generation that will never run")
             return
         if record is None or record.primary.host != self.c.me:
+            if record is not None and entry.watcher is None:  # another side took over meanwhile
+                holder = await self.holder(record.generation)
+                if holder is not None and failover.holder_host(holder) != self.c.me:
+                    await self.drop_local(f"{holder} holds generation {record.generation}")
             return
         if entry.copies:  # went live, but the datastore did not take the renames then
             await self.adopt_copies(entry)
@@ -814,6 +832,9 @@ class PairDriver:
         entry = self.c.local.get(self.name)
         if record is None or record.state == FtState.LOST or (entry is not None and entry.role == "primary"):
             return
+        quiet = silent.get(record.primary.host, 0.0)
+        if self.unwatched_replication(record, quiet) and await self.replicating_here():
+            return  # a copy of the VM is here, and its watcher decides (on_tick)
         hosts = [record.primary.host] + ([record.secondary.host] if record.state == FtState.RUNNING else [])
         if all(silent.get(h, 0) > self.c.cfg.lost_after_s for h in hosts):
             if any([await self.answers(h) for h in hosts]):  # asked now, not what was last heard
@@ -821,6 +842,24 @@ class PairDriver:
             record.before_lost = record.state
             self.transition(record, Action.LOST, Reason.HOST_UNREACHABLE, hosts=hosts)
             await self.c.store.save(record)
+
+    def unwatched_replication(self, record: Record | None, primary_silent_s: float) -> bool:
+        """This host's secondary belongs to the protect in progress, and its primary's daemon has
+        been silent for lost_after_s (it died before both watchers were started)."""
+        entry = self.c.local.get(self.name)
+        return (
+            entry is not None and entry.role == "secondary" and record is not None
+            and record.state == FtState.STARTING and record.generation == entry.generation
+            and record.secondary is not None and record.secondary.host == self.c.me
+            and primary_silent_s > self.c.cfg.lost_after_s
+        )  # fmt: skip
+
+    async def replicating_here(self) -> bool:
+        """Whether this host's secondary QEMU is in COLO: it holds a copy of the VM."""
+        try:
+            return self.vm is not None and (await self.vm.execute("query-colo-status"))["mode"] == "secondary"
+        except Exception:  # a QEMU that does not answer is not known to hold anything
+            return False
 
     # --- the secondary's side (peer API) ---------------------------------------------------
 

@@ -70,6 +70,10 @@ class FakePeers:
     def __init__(self) -> None:
         self.calls: list[tuple[str, str]] = []
         self.down: set[str] = set()
+        self.silent: dict[str, float] = {}  # seconds since each host's daemon last answered
+
+    def silent_for(self, host: str) -> float:
+        return self.silent.get(host, 0.0)
 
     async def call(self, host: str, method: str, path: str, body=None, timeout=None) -> dict:
         self.calls.append((host, path))
@@ -679,3 +683,78 @@ def test_a_process_whose_other_threads_still_exit_is_not_gone_yet(tmp_path):
     assert p.alive()  # the leader is a zombie, its other thread still runs
     proc.wait(10)
     assert not p.alive()
+
+
+# --- the primary's daemon gone between replication and the watchers (bench/faults) -----------
+
+
+def test_a_replicating_secondary_whose_primarys_daemon_went_silent_mid_protect_is_watched_not_dropped(rig):
+    """Found by bench/faults (lockstepd killed right after COLO began, 2 runs in 20): after
+    lost_after_s the secondary's host dropped its copy and recorded the pair lost, while the
+    primary's QEMU was still in COLO with it and no watcher on either side: the VM stopped serving
+    until its daemon came back. Now that copy is kept and watched (its watcher is a process:
+    started here through a stand-in that records it)."""
+
+    async def scenario():
+        rig.record(FtState.STARTING, primary="h2", secondary="h1")
+        driver = await rig.driver()
+        watched = []
+
+        async def start_watcher(record, role, peer_host):
+            watched.append((role, peer_host, record.generation))
+
+        driver.start_watcher = start_watcher
+        entry = await rig.running_side(driver, "secondary", watcher=False, colo_mode="secondary")
+        rig.peers.down.add("h2")
+        rig.peers.silent["h2"] = 2.0  # not silent long enough: nothing yet
+        await driver.submit("tick")
+        assert watched == [] and entry.qemu.alive()
+        rig.peers.silent["h2"] = 60.0
+        await driver.submit("mark_lost", silent={"h2": 60.0})
+        assert records.load(rig.datastore, "vm").state == FtState.STARTING  # a copy is here: not lost
+        await driver.submit("tick")
+        assert watched == [("secondary", "h2", 3)] and entry.qemu.alive()
+        assert any(e["event"] == "watching_unasked" for e in rig.events())
+
+    run(scenario())
+
+
+def test_a_secondary_still_in_its_first_copy_whose_primarys_daemon_went_silent_is_dropped(rig):
+    """Not in COLO yet, it holds no copy of the VM: dropped as before."""
+
+    async def scenario():
+        rig.record(FtState.STARTING, primary="h2", secondary="h1")
+        driver = await rig.driver()
+        entry = await rig.running_side(driver, "secondary", watcher=False, colo_mode="none")
+        rig.peers.silent["h2"] = 60.0
+        await driver.submit("tick")
+        assert not entry.qemu.alive() and rig.local.get("vm") is None
+
+    run(scenario())
+
+
+def test_a_primary_whose_secondary_took_over_while_its_daemon_was_away_stops(rig):
+    """Its daemon back, the record names the other host and the token is the other side's: this
+    copy (in COLO with nobody, its output held) goes."""
+
+    async def scenario():
+        rig.record(FtState.NEED_SECONDARY, primary="h2", secondary=None)
+        assert arbiter.claim(rig.datastore, "vm", 3, "h2/secondary").won
+        driver = await rig.driver()
+        entry = await rig.running_side(driver, "primary", watcher=False)
+        await driver.submit("tick")
+        assert not entry.qemu.alive() and rig.local.get("vm") is None
+
+    run(scenario())
+
+
+def test_a_primary_the_record_does_not_name_but_whose_token_is_its_own_is_kept(rig):
+    async def scenario():
+        rig.record(FtState.NEED_SECONDARY, primary="h2", secondary=None)
+        assert arbiter.claim(rig.datastore, "vm", 3, "h1/primary").won
+        driver = await rig.driver()
+        entry = await rig.running_side(driver, "primary", watcher=False)
+        await driver.submit("tick")
+        assert entry.qemu.alive()
+
+    run(scenario())
