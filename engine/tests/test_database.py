@@ -130,7 +130,7 @@ def daemons(mode: str) -> None:
     for i in (1, 2, 3):
         try:
             running = engine.ok(i, "GET", "/status")["mode"]
-        except OSError:
+        except (OSError, LabError):
             running = None
         if running != mode:
             engine.kill_daemon(i)
@@ -353,7 +353,8 @@ def failover(fault: str, log: Path, mode: str, down: dict[int, list[str]], start
             down[primary] = links
         view = engine.await_pair(NAME, lambda v: v["state"] == "running" and v["primary"] != old,
                                  REPROTECT_TIMEOUT_S)  # fmt: skip
-        load.await_acks(len(load.acks()) + ACKS_AFTER, 120)
+        with contextlib.suppress(LabError):  # a ledger that ended (its connection lost) is checked next
+            load.await_acks(len(load.acks()) + ACKS_AFTER, 120)
         checked, bench = load.stop()
     finally:
         load.kill()
@@ -393,7 +394,10 @@ def scenario(mode: str, fault: str, work: Path, bench_s: int = 0, result: dict |
                 result["pgbench_unprotected"] = pgbench(bench_s)
             began = time.monotonic()
             view = engine.ok(1, "POST", f"/vms/{NAME}/enable", {"checkpoint_ms": CHECKPOINT_MS})["vm"]
-            assert view["state"] == "running" and view["mode"] == mode, view
+            if view["state"] != "running":  # a finding; lockstepd retries on its own, the rest goes on
+                result["problems"].append(f"the first protect did not end running: {view['reason']}")
+                view = engine.await_pair(NAME, lambda v: v["state"] == "running", REPROTECT_TIMEOUT_S)
+            assert view["mode"] == mode, view
             result["protect_s"] = round(time.monotonic() - began, 1)
             if bench_s:
                 result["pgbench_protected"] = pgbench(bench_s)
