@@ -77,12 +77,13 @@ def remove(_datastore: Path, paths: list[str]) -> list[str]:
     return gone
 
 
-def stale(_datastore: Path, images: list[str], vm: str, generation: int, keep: set[str]) -> list[str]:
-    """Copies of generations before `generation`: their secondaries can never go live (the owner
-    took each of those tokens before it started a new generation), so they are garbage - except
-    the paths in `keep` (the owner's own copy while it is not adopted yet)."""
-    return [str(p) for p, _host, gen in copies_of(images, vm) if gen < generation and str(p) not in keep]
-
-
-def all_copies(_datastore: Path, images: list[str], vm: str) -> list[str]:
-    return [str(p) for p, _host, _gen in copies_of(images, vm)]
+def stale(_datastore: Path, images: list[str], vm: str, before: int | None, keep: set[str]) -> list[str]:
+    """Copies of generations before `before` (None: of every generation, the VM powered off):
+    their secondaries can never go live (the owner took each of those tokens before it started a
+    new generation), so they are garbage - except the paths in `keep` (the owner's own copy while
+    it is not adopted yet)."""
+    return [
+        str(p)
+        for p, _host, gen in copies_of(images, vm)
+        if (before is None or gen < before) and str(p) not in keep
+    ]

@@ -489,7 +489,7 @@ class PairDriver:
         entry = self.c.local.get(self.name)
         keep = set(entry.copies) if entry is not None else set()
         try:
-            before = 1 << 62 if every else record.generation
+            before = None if every else record.generation
             found = await self.c.store.call(images.stale, paths, self.name, before, keep)
             if found:
                 await self.c.store.call(images.remove, found)
