@@ -1,7 +1,8 @@
 """A real database under FT on the lab (issue 13): lab/debian/build-db's Debian guest (PostgreSQL 15
 with data checksums, fsync and synchronous commit; systemd; its address from its own networkd
-file) booted by lockstepd from its own root disk, an image on the shared datastore, 2 vCPUs,
-1024 MiB, and protected while it runs. From the client namespace the ledger client
+file) booted by lockstepd from its own disk (SeaBIOS, then GRUB from the disk's MBR, the guest's
+own kernel from its root partition), an image on the shared datastore, 2 vCPUs, 1024 MiB, and
+protected while it runs. From the client namespace the ledger client
 (lab/ftlab/ledger.py: one connection, one unique id committed per transaction, each acknowledged
 commit logged) and pgbench write while the primary's host is killed. Then: every acknowledged
 commit present exactly once, none present that was not acknowledged beyond the one in flight,
@@ -19,7 +20,6 @@ import json
 import os
 import re
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -86,25 +86,19 @@ def image_dir() -> Path:
 
 @contextlib.contextmanager
 def vm_files():
-    """The guest's root disk (a sparse copy of the image) and its kernel and initrd on the shared
-    datastore, where every host's QEMU finds them (a secondary may start on any host); removed
-    after, with any copy of the disk a failed run left."""
+    """The guest's disk (a sparse copy of the image) on the shared datastore, where every host's
+    QEMU finds it (a secondary may start on any host); removed after, with any copy of it a failed
+    run left."""
     source, d = image_dir(), t.DATASTORE / "vm-model"
     d.mkdir(exist_ok=True)
-    files = {
-        "disk": d / f"{NAME}-root.raw",
-        "kernel": d / f"{NAME}-vmlinuz",
-        "initrd": d / f"{NAME}-initrd.img",
-    }
+    files = {"disk": d / f"{NAME}-disk.raw"}
 
     def remove() -> None:
         for path in [*files.values(), *d.glob(f".{files['disk'].name}.*")]:
             path.unlink(missing_ok=True)
 
     remove()
-    subprocess.run(["cp", "--sparse=always", str(source / "rootfs.img"), str(files["disk"])], check=True)
-    shutil.copyfile(source / "vmlinuz", files["kernel"])
-    shutil.copyfile(source / "initrd.img", files["initrd"])
+    subprocess.run(["cp", "--sparse=always", str(source / "disk.img"), str(files["disk"])], check=True)
     try:
         yield files | {"key": source / "id_ed25519"}
     finally:
@@ -114,8 +108,6 @@ def vm_files():
 def spec(files: dict) -> dict:
     return {
         "spec_version": 1, "name": NAME, "memory_mib": 1024, "vcpus": 2, "serial": True,
-        "kernel": str(files["kernel"]), "initrd": str(files["initrd"]),
-        "cmdline": "root=/dev/vda rw console=ttyS0",  # lab/debian/build-db's header
         "disks": [{"path": str(files["disk"])}], "nics": [{"mac": MAC}],
     }  # fmt: skip
 
