@@ -134,13 +134,6 @@ def host_back(index: int, links: list[str], mode: str) -> None:
     engine.start(index, mode=mode, **SETTINGS)
 
 
-def power_off() -> None:
-    for i in (1, 2, 3):
-        with contextlib.suppress(OSError):
-            if engine.call(i, "POST", f"/vms/{NAME}/poweroff", {})[0] == 200:
-                return
-
-
 def fail(fault: str, index: int) -> list[str]:
     """The primary on lab-h<index> fails: its host killed (the links cut are returned), or its
     QEMU hung (SIGSTOP; its watcher fences it)."""
@@ -413,12 +406,12 @@ def scenario(mode: str, fault: str, work: Path, bench_s: int = 0, result: dict |
             view = engine.await_pair(NAME, lambda v: v["state"] == "running", 60)
             result["problems"] += copies_identical(files, view)
             audit.clean(NAME)
-            power_off()
+            engine.power_off(NAME)
             audit.clean(NAME, gone=True)
         finally:
             for i in list(down):
                 host_back(i, down.pop(i), mode)
-            power_off()
+            engine.power_off(NAME)
     return result
 
 

@@ -81,30 +81,6 @@ def ends_clean(name: str, client: StreamFollower, more: int = MiB // 4) -> None:
     assert result["ok"], result
 
 
-def power_off(name: str, timeout: float = 120) -> None:
-    """Power the VM off through whichever daemon runs it, waiting out a refusal that clears (a
-    secondary's copy still being adopted, a failover's overlays still being committed). Done when
-    a daemon powered it off or none knows it. A VM left running would fail every later test, and
-    bench run, that starts one of its name (found by bench/faults: 12 runs failed after one)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        answers: dict[str, object] = {}
-        for i in (1, 2, 3):
-            try:
-                status, answer = engine.call(i, "POST", f"/vms/{name}/poweroff", {})
-            except OSError as e:
-                answers[f"lab-h{i}"] = f"no answer: {e}"
-                continue
-            if status == 200:
-                return
-            answers[f"lab-h{i}"] = (status, answer)
-        if all(a[0] == 404 for a in answers.values() if isinstance(a, tuple)):
-            return
-        if time.monotonic() > deadline:
-            raise LabError(f"{name} was not powered off in {timeout:.0f} s: {answers}")
-        time.sleep(1)
-
-
 def diagnosis(name: str, last: int = 12) -> dict:
     """What the daemons say of a pair, for an assertion's message: each one's view of it, its
     last events about it, and the last lines of each watcher's journal there."""
@@ -162,7 +138,7 @@ def test_a_planned_stop_while_the_secondarys_daemon_is_stopped_leaves_one_copy(c
             assert result["ok"], result
             assert engine.ok(1, "GET", f"/vms/{name}")["state"] == "disabled"
     finally:
-        power_off(name)
+        engine.power_off(name)
 
 
 # --- a host lost while a copy is on the wire (R5, R12) ---------------------------------------
@@ -218,7 +194,7 @@ def test_enable_whose_secondary_host_dies_during_the_first_copy_keeps_the_vm_and
     finally:
         if links:
             host_back(victim, links)
-        power_off(name)
+        engine.power_off(name)
 
 
 def test_a_second_host_lost_during_the_reprotection_copy_leaves_the_survivor_serving(cluster):
@@ -250,7 +226,7 @@ def test_a_second_host_lost_during_the_reprotection_copy_leaves_the_survivor_ser
             host_back(third, third_links)
         with contextlib.suppress(LabError):
             audit.clean(name, timeout=30)
-        power_off(name)
+        engine.power_off(name)
 
 
 def test_the_survivor_lost_during_its_reprotection_copy_is_recorded_lost_and_cleaned_up(cluster):
@@ -321,7 +297,7 @@ def test_lockstepd_killed_at_each_protect_step_and_restarted_protects_the_vm_aga
         ends_clean(name, client)
     finally:
         restarted_plain(1)
-        power_off(name)
+        engine.power_off(name)
 
 
 def test_the_secondarys_lockstepd_killed_as_it_starts_the_secondary_leaves_one_protected_copy(cluster):
@@ -345,7 +321,7 @@ def test_the_secondarys_lockstepd_killed_as_it_starts_the_secondary_leaves_one_p
         ends_clean(name, client)
     finally:
         restarted_plain(2, 3)
-        power_off(name)
+        engine.power_off(name)
 
 
 def test_the_new_primarys_lockstepd_killed_as_it_reads_the_failover_verdict_records_it_when_back(cluster):
@@ -367,7 +343,7 @@ def test_the_new_primarys_lockstepd_killed_as_it_reads_the_failover_verdict_reco
         ends_clean(name, client, MiB // 2)
     finally:
         restarted_plain(secondary)
-        power_off(name)
+        engine.power_off(name)
 
 
 def test_a_failover_while_the_new_primarys_daemon_is_dead_is_recorded_when_it_returns(cluster):
@@ -386,7 +362,7 @@ def test_a_failover_while_the_new_primarys_daemon_is_dead_is_recorded_when_it_re
         )
         ends_clean(name, client, MiB // 2)
     finally:
-        power_off(name)
+        engine.power_off(name)
 
 
 def test_a_primary_whose_vm_network_link_is_cut_hands_over_and_the_client_stream_goes_on(cluster):
@@ -404,7 +380,7 @@ def test_a_primary_whose_vm_network_link_is_cut_hands_over_and_the_client_stream
         ends_clean(name, client)
     finally:
         set_links(link, up=True)
-        power_off(name)
+        engine.power_off(name)
 
 
 # --- a QEMU hung in the middle of a checkpoint ------------------------------------------------
@@ -452,7 +428,7 @@ def test_a_qemu_hung_during_a_checkpoint_leaves_exactly_one_copy_serving_byte_ex
         result = client.stop()
         assert result["ok"], result
     finally:
-        power_off(name)
+        engine.power_off(name)
 
 
 # --- the datastore unreachable from one side (R7, R14, F6) ----------------------------------
@@ -484,7 +460,7 @@ def test_a_primary_whose_datastore_hangs_when_its_secondary_dies_waits_for_it_th
         result = client.stop()
         assert result["ok"], result
     finally:
-        power_off(name)
+        engine.power_off(name)
 
 
 def test_a_secondary_without_its_datastore_never_goes_live_and_takes_over_once_it_is_back(cluster):
@@ -506,7 +482,7 @@ def test_a_secondary_without_its_datastore_never_goes_live_and_takes_over_once_i
         result = client.stop()
         assert result["ok"], result
     finally:
-        power_off(name)
+        engine.power_off(name)
 
 
 def test_a_secondary_whose_datastore_hangs_under_its_disk_copy_leaves_the_primary_serving(cluster):
@@ -538,7 +514,7 @@ def test_a_secondary_whose_datastore_hangs_under_its_disk_copy_leaves_the_primar
         assert client_run(t.guest_ip(k), "--disk-read", str(MiB), "--seed", "31", "--disk", "1")["ok"]
         ends_clean(name, client)
     finally:
-        power_off(name)
+        engine.power_off(name)
         image.unlink(missing_ok=True)
 
 
@@ -562,4 +538,4 @@ def test_two_pairs_with_long_similar_names_keep_their_own_taps_through_a_failove
             assert result["ok"], (name, result)
     finally:
         for name in names:
-            power_off(name)
+            engine.power_off(name)

@@ -5,7 +5,6 @@ over, picking a host, re-protecting - the daemons do on their own."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import subprocess
@@ -46,13 +45,6 @@ def protected_vm(name: str, k: int) -> StreamFollower:
     return client
 
 
-def power_off(name: str) -> None:
-    for i in (1, 2, 3):
-        with contextlib.suppress(OSError):
-            if engine.call(i, "POST", f"/vms/{name}/poweroff", {})[0] == 200:
-                return
-
-
 def test_losing_the_primarys_host_fails_over_and_reprotects_on_the_third_host_byte_exact(cluster):
     client = protected_vm("ftpair", 0)
     first = engine.ok(1, "GET", "/vms/ftpair")
@@ -72,7 +64,7 @@ def test_losing_the_primarys_host_fails_over_and_reprotects_on_the_third_host_by
     finally:
         set_links(links, up=True)
         engine.start(1)  # the host comes back empty: the pair stays where it is
-        power_off("ftpair")
+        engine.power_off("ftpair")
 
 
 def test_a_killed_and_restarted_daemon_leaves_the_pair_running_and_manages_it_again(cluster):
@@ -97,7 +89,7 @@ def test_a_killed_and_restarted_daemon_leaves_the_pair_running_and_manages_it_ag
         result = client.stop()
         assert result["ok"], result
     finally:
-        power_off("ftpair2")
+        engine.power_off("ftpair2")
 
 
 def test_enable_disable_absent_each_twice_the_second_call_changes_nothing(cluster):
@@ -115,7 +107,7 @@ def test_enable_disable_absent_each_twice_the_second_call_changes_nothing(cluste
         result = client.stop()
         assert result["ok"], result
     finally:
-        power_off("ftpair3")
+        engine.power_off("ftpair3")
 
 
 def test_the_secondary_then_the_primary_move_to_other_hosts_byte_exact(cluster):
@@ -144,7 +136,7 @@ def test_the_secondary_then_the_primary_move_to_other_hosts_byte_exact(cluster):
         result = client.stop()
         assert result["ok"], result
     finally:
-        power_off("ftmove")
+        engine.power_off("ftmove")
 
 
 def test_a_guest_that_powers_itself_off_takes_its_secondary_along_and_nothing_fails_over(cluster):
@@ -186,7 +178,7 @@ def test_a_vms_disk_is_copied_to_each_new_secondary_and_survives_two_failovers(c
         view = engine.await_running("ftdisk", view["generation"] + 1)
         disk(ip, "--disk-read", seed=6)
     finally:
-        power_off("ftdisk")
+        engine.power_off("ftdisk")
 
 
 def test_a_vm_beyond_a_hosts_cap_is_refused_with_the_reason(cluster):
@@ -200,8 +192,8 @@ def test_a_vm_beyond_a_hosts_cap_is_refused_with_the_reason(cluster):
         assert status == 409 and "lab-h1 already runs 1 FT VMs (cap 1)" in answer["error"], answer
         assert engine.ok(1, "GET", "/vms/ftcap2")["state"] == "not_configured"
     finally:
-        power_off("ftcap1")
-        power_off("ftcap2")
+        engine.power_off("ftcap1")
+        engine.power_off("ftcap2")
         for i in (1, 2, 3):
             engine.kill_daemon(i)
             engine.start(i)
@@ -238,7 +230,7 @@ def test_bad_requests_get_a_clear_status_and_change_nothing(cluster):
         assert engine.ok(1, "GET", "/status")["pairs"] == before
         assert engine.processes(1, "ftbad")  # the VM still runs
     finally:
-        power_off("ftbad")
+        engine.power_off("ftbad")
 
 
 def fuzz(sock, rounds: int = 300) -> None:

@@ -7,7 +7,6 @@ its spec, it has what it wrote last, and no copy of its images is left on the da
 
 from __future__ import annotations
 
-import contextlib
 import json
 import subprocess
 
@@ -72,13 +71,6 @@ def disk(ip: str, op: str, n: int, seed: int) -> None:
     assert result["ok"], result
 
 
-def power_off() -> None:
-    for i in (1, 2, 3):
-        with contextlib.suppress(OSError):
-            if engine.call(i, "POST", f"/vms/{NAME}/poweroff", {})[0] == 200:
-                return
-
-
 def started() -> None:
     StreamFollower(t.guest_ip(K)).wait_for_bytes(1, 120)
 
@@ -112,7 +104,8 @@ def test_two_disks_two_nics_keep_their_data_across_a_restart_and_two_failovers(c
         started()
         disk(ip, "--disk-write", 1, seed=11)
         disk(ip, "--disk-write", 2, seed=12)
-        power_off()  # a VM powered off and started again keeps its disks: the images are never made anew
+        # A VM powered off and started again keeps its disks: the images are never made anew.
+        engine.power_off(NAME)
         assert engine.ok(1, "POST", "/vms", spec(images))["changed"]
         started()
         disk(ip, "--disk-read", 1, seed=11)
@@ -137,7 +130,7 @@ def test_two_disks_two_nics_keep_their_data_across_a_restart_and_two_failovers(c
         # it ran on a copy in the survivor's run directory and came back from the image as it was
         # at the first failover.
         disk(ip, "--disk-write", 1, seed=15)
-        power_off()
+        engine.power_off(NAME)
         audit.clean(NAME, gone=True)  # no copy of either image left
         assert sorted(p.name for p in images[0].parent.iterdir()) == sorted(p.name for p in images)
         assert engine.ok(1, "POST", "/vms", spec(images))["changed"]
@@ -145,4 +138,4 @@ def test_two_disks_two_nics_keep_their_data_across_a_restart_and_two_failovers(c
         disk(ip, "--disk-read", 1, seed=15)
         disk(ip, "--disk-read", 2, seed=14)
     finally:
-        power_off()
+        engine.power_off(NAME)

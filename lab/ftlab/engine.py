@@ -162,6 +162,30 @@ def await_pair(name: str, ready, timeout: float = 180) -> dict:
     raise LabError(f"{name} did not get there within {timeout:.0f} s; last view {view}")
 
 
+def power_off(name: str, timeout: float = 120) -> None:
+    """Power the VM off through whichever daemon runs it, waiting out a refusal that clears (a
+    secondary's copy still being adopted, a failover's overlays still being committed). Done when
+    a daemon powered it off or none knows it. A VM left running would fail every later test, and
+    bench run, that starts one of its name (found by bench/faults: 12 runs failed after one)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        answers: dict[str, object] = {}
+        for i in (1, 2, 3):
+            try:
+                status, answer = call(i, "POST", f"/vms/{name}/poweroff", {})
+            except OSError as e:
+                answers[f"lab-h{i}"] = f"no answer: {e}"
+                continue
+            if status == 200:
+                return
+            answers[f"lab-h{i}"] = (status, answer)
+        if all(a[0] == 404 for a in answers.values() if isinstance(a, tuple)):
+            return
+        if time.monotonic() > deadline:
+            raise LabError(f"{name} was not powered off in {timeout:.0f} s: {answers}")
+        time.sleep(1)
+
+
 def await_running(name: str, generation: int, timeout: float = 180) -> dict:
     """The pair running in this generation or a later one (a new secondary made)."""
     return await_pair(name, lambda v: v["state"] == "running" and v["generation"] >= generation, timeout)
