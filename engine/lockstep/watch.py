@@ -2,11 +2,16 @@
 
 Each side runs a watcher beside its QEMU (on a real host, in lockstepd; in the lab, a process
 inside the lab host). Every interval it
-- asks its own QEMU over QMP whether it runs: a QEMU that does not answer within the timeout
-  (dead, hung, SIGSTOPped) is fenced - SIGKILLed, so it can never wake up and send anything -
-  and the watcher stops;
-- sends a heartbeat to the other side's watcher over the FT-logging network, only while its own
-  QEMU answers, so a heartbeat vouches for a working QEMU and not just a live host. Heartbeats
+- asks its own QEMU over QMP whether it runs: an in-band query-status, and while that one is
+  unanswered an out-of-band command, which QEMU's monitor thread answers even while its main
+  loop is blocked (loading a checkpoint under the big lock). A QEMU that answers neither within
+  the timeout (dead, hung, SIGSTOPped) is fenced - SIGKILLed, so it can never wake up and send
+  anything - and the watcher stops;
+- sends a heartbeat to the other side's watcher over the FT-logging network, only once its own
+  QEMU has answered since the last one, so a heartbeat vouches for a running QEMU and not just a
+  live host. A slow in-band answer never holds a heartbeat back: the other side would take
+  a QEMU busy with a checkpoint for a lost one (CI, stop 18: a secondary lost 0.7 s after it
+  was made, its heartbeat 0.59 s late behind a 0.5 s query-status). Heartbeats
   carry a sequence number and an HMAC under the cluster secret: a forged or replayed one would
   hold off a real failover;
 - on the primary, watches replication progress: every checkpoint resumes the VM (a RESUME
@@ -154,6 +159,48 @@ def carrier(ifname: str | None) -> bool | None:
         return False
 
 
+class Probe:
+    """The in-band query-status to a side's own QEMU, asked without waiting for it: one in flight
+    at a time (QEMU answers in-band commands in order, so a second one behind a blocked main
+    loop would tell nothing more), the next one asked once it is answered."""
+
+    def __init__(self, vm: colo.Vm, limit: float) -> None:
+        self.vm, self.limit = vm, limit
+        self.task: asyncio.Task | None = None
+        self.asked = 0.0
+        self.error: str | None = None  # why the last one failed (not a slow answer: that is waited for)
+        self.again()
+
+    def again(self) -> None:
+        """Ask anew if the last one is answered (or failed); keep waiting for it otherwise."""
+        if self.task is not None and not self.task.done():
+            return
+        self.error = None
+        self.task = asyncio.ensure_future(self.vm.execute("query-status", timeout=2 * self.limit))
+        self.asked = time.monotonic()
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+    def unanswered_for(self) -> float | None:
+        """None when the query answered since it was asked (a new one is then asked); else how
+        long it has waited. A failed query (the QMP connection gone with its QEMU) sets error."""
+        assert self.task is not None
+        if not self.task.done():
+            return time.monotonic() - self.asked
+        e = None if self.task.cancelled() else self.task.exception()
+        if e is not None:
+            self.error = f"query-status failed: {type(e).__name__}"
+            return None
+        self.again()
+        return None
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+
 class Watcher:
     """One side's watcher: watches, decides, and writes each step and the verdict to its journal."""
 
@@ -228,22 +275,25 @@ class Watcher:
         busy_since: float | None = None
         vm_net_down_since: float | None = None
         handing_over = False  # the primary has gone quiet so that the secondary takes over
+        probe = Probe(self.vm, cfg.busy_limit)
         try:
             while True:
                 await asyncio.sleep(cfg.interval)
-                try:
-                    await self.vm.execute("query-status", timeout=cfg.timeout)
-                    busy_since = None
-                except Exception as e:  # timeout, or the QMP connection is gone with its QEMU
-                    detail = f"own QEMU did not answer within {cfg.timeout} s ({type(e).__name__})"
+                blocked_for = probe.unanswered_for()
+                if blocked_for is not None or probe.failed:
+                    why = probe.error or f"no in-band answer for {blocked_for:.2f} s"
                     if not await self.answers_out_of_band():
+                        detail = f"own QEMU did not answer ({why}, nor out of band within {cfg.timeout} s)"
                         return self.fence(Reason.PARTIAL_HARDWARE_FAILURE, detail)
-                    if busy_since is None:  # alive, its main loop blocked: on a peer gone mid-checkpoint?
-                        busy_since = time.monotonic()
-                        self.log("own-busy", detail=f"{detail}, but it answers out of band")
-                    elif time.monotonic() - busy_since > cfg.busy_limit:
+                    if blocked_for is not None and blocked_for > cfg.busy_limit:
                         return self.fence(Reason.PARTIAL_HARDWARE_FAILURE,
                                           f"own QEMU's main loop blocked for {cfg.busy_limit} s")  # fmt: skip
+                    if blocked_for is not None and blocked_for > cfg.timeout and busy_since is None:
+                        busy_since = time.monotonic() - blocked_for  # on a peer gone mid-checkpoint?
+                        self.log("own-busy", detail=f"{why}, but it answers out of band")
+                    probe.again()
+                else:
+                    busy_since = None
                 now = time.monotonic()
                 vm_net = carrier(cfg.vm_uplink)
                 vm_net_down_since = None if vm_net is not False else (vm_net_down_since or now)
@@ -288,6 +338,7 @@ class Watcher:
                     )
                 return await self.decide(reason, detail)
         finally:
+            probe.close()
             self.vm.qmp.remove_listener(resumes)
             self.vm.qmp.remove_listener(disk_errors)
             transport.close()

@@ -18,7 +18,8 @@ GREETING = {"QMP": {"version": VERSION, "capabilities": []}}
 
 class FakeQemu:
     """A fake QEMU's QMP server. Commands are answered from `answers` (default {}), recorded in
-    `commands`; a command in `hang` is never answered, one in `fail` gets a GenericError."""
+    `commands`; a command in `hang` is not answered until release() (QEMU answers in-band commands
+    once its main loop is free), one in `fail` gets a GenericError."""
 
     def __init__(self, path) -> None:
         self.path = str(path)
@@ -34,7 +35,8 @@ class FakeQemu:
             "query-block-jobs": [],
             "query-yank": [],
         }
-        self.hang: set[str] = set()  # in-band commands never answered (its main loop blocked)
+        self.hang: set[str] = set()  # in-band commands not answered (its main loop blocked)
+        self.held: list[tuple[asyncio.StreamWriter, dict]] = []  # hung commands, answered by release()
         self.fail: set[str] = set()
         self.oob = False  # offers out-of-band execution, answered even while in-band commands hang
         self.stopped = False  # answers nothing at all (the process is stopped)
@@ -79,13 +81,26 @@ class FakeQemu:
             self.commands.append((cmd, msg.get("arguments")))
             if self.on_command:
                 self.on_command(cmd)
-        if self.stopped or (cmd in self.hang and not oob):
+        if self.stopped:
             return
+        if cmd in self.hang and not oob:
+            self.held.append((writer, msg))
+            return
+        self.reply(writer, msg, cmd, oob)
+
+    def reply(self, writer: asyncio.StreamWriter, msg: dict, cmd: str, oob: bool = False) -> None:
         if cmd in self.fail or (oob and not self.oob):  # QEMU refuses exec-oob unless it was offered
             reply = {"error": {"class": "GenericError", "desc": f"{cmd} failed (FakeQemu)"}}
         else:
             reply = {"return": self.answers.get(cmd, {})}
         writer.write(json.dumps(reply | {"id": msg.get("id")}).encode() + b"\r\n")
+
+    def release(self, cmd: str) -> None:
+        """The main loop is free again: the held commands are answered, in order."""
+        self.hang.discard(cmd)
+        held, self.held = self.held, []
+        for writer, msg in held:
+            self.reply(writer, msg, msg["execute"])
 
     async def emit(self, *names: str, times: int = 1, data: dict | None = None) -> None:
         """Send events (a checkpoint is STOP then RESUME) to every client, as fast as they read."""
