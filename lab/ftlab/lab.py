@@ -51,6 +51,11 @@ REQUIRED = [
 LIBVIRT_DIRS = ["etc/libvirt", "var/lib/libvirt", "var/log/libvirt", "var/cache/libvirt"]
 # what the ft_engine role installs: each lab host has its own, like a real server
 ENGINE_DIRS = ["etc/lockstep", "opt/lockstep", "var/lib/lockstep"]
+# libvirtd probes each QEMU binary at its first connection, about 8 s a host and one host after
+# the other: its capability cache is kept between lab ups (libvirtd itself probes again when a
+# binary, libvirtd or the kernel changed: the cache records their times and versions).
+CAPS_CACHE = t.CACHE_DIR / "libvirt-qemu-capabilities"
+CAPS_DIR = "qemu/capabilities"
 
 # PID 1 of a node's mount + UTS namespaces (inside its network namespace): it sets the node
 # up, then holds the namespaces until down kills it. A private /run keeps daemons' sockets
@@ -299,6 +304,8 @@ def prepare_host_dirs(h: t.Host) -> list[tuple[Path, str]]:
             shutil.copytree("/" + d, src, symlinks=True, dirs_exist_ok=True)
         src.mkdir(parents=True, exist_ok=True)
         binds.append((src, "/" + d))
+    if CAPS_CACHE.is_dir():
+        shutil.copytree(CAPS_CACHE, h.dir / "var-cache-libvirt" / CAPS_DIR, dirs_exist_ok=True)
     etc = h.dir / "etc-libvirt"
     for f in (etc / "qemu" / "networks" / "autostart").glob("*"):
         f.unlink()  # no default NAT network: guests use the lab's VM network bridge
@@ -327,6 +334,14 @@ def start_host(state: dict, h: t.Host) -> None:
     run(["ip", "-n", h.netns, "link", "set", t.VM_BRIDGE, "up"])
     start(state, h, "sshd", ["/usr/sbin/sshd", "-D", "-e", "-f", str(h.dir / "sshd_config")])
     start(state, h, "libvirtd", ["libvirtd", "--listen", "--pid-file", "/run/libvirtd.pid"])
+
+
+def keep_capabilities(h: t.Host) -> None:
+    """The capability cache libvirtd on this host wrote (or found valid), for the next lab up."""
+    found = h.dir / "var-cache-libvirt" / CAPS_DIR
+    if any(found.glob("*.xml")):
+        shutil.rmtree(CAPS_CACHE, ignore_errors=True)
+        shutil.copytree(found, CAPS_CACHE)
 
 
 def libvirt_answers(h: t.Host) -> bool:
@@ -433,6 +448,7 @@ def up(n_hosts: int) -> None:
                 120,
                 0.5,
             )
+        keep_capabilities(hosts[0])
         copy_guest_image()
         write_inventory(hosts)
     except BaseException:
