@@ -4,6 +4,8 @@ bench/protect drive; on a real host the ft_engine role does the same with a syst
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import signal
@@ -93,8 +95,36 @@ def call(index: int, method: str, path: str, body=None) -> tuple[int, dict]:
 def ok(index: int, method: str, path: str, body=None) -> dict:
     status, answer = call(index, method, path, body)
     if status != 200:
-        raise LabError(f"lockstepd on lab-h{index}: {method} {path}: {status} {answer}")
+        vm = re.match(r"/vms/([^/]+)", path)
+        told = f"\n{story(vm.group(1))}" if vm else ""
+        raise LabError(f"lockstepd on lab-h{index}: {method} {path}: {status} {answer}{told}")
     return answer
+
+
+STORY = ("transition", "verdict", "dropped", "protecting", "secondary_started", "claimed")
+
+
+def story(name: str, last: int = 16) -> str:
+    """What the daemons recorded of a pair, in time order: its last transitions, verdicts and
+    drops on every host (for an error's message: a lab's logs are gone once it is down)."""
+    seen = []
+    for i in (1, 2, 3):
+        path = t.host(i).dir / "events.log"
+        lines = path.read_text().splitlines() if path.exists() else []
+        for raw in lines:
+            with contextlib.suppress(ValueError):  # a line being written
+                e = json.loads(raw)
+                if e.get("vm") == name and e.get("event") in STORY:
+                    seen.append(e)
+    seen.sort(key=lambda e: e["at"])
+    keep = ("action", "old", "new", "reason", "generation", "outcome", "why", "step", "won", "holder")
+
+    def line(e: dict) -> str:
+        detail = (e.get("verdict") or {}).get("detail")
+        fields = " ".join(f"{k}={e[k]}" for k in keep if e.get(k) is not None)
+        return f"  {e['at']:.2f} {e['host']} {e['event']} {fields}" + (f" ({detail})" if detail else "")
+
+    return f"{name}'s last events:\n" + "\n".join(line(e) for e in seen[-last:])
 
 
 def processes(index: int, *words: str) -> list[int]:
@@ -159,7 +189,7 @@ def await_pair(name: str, ready, timeout: float = 180) -> dict:
                 if ready(view):
                     return view
         time.sleep(0.1)
-    raise LabError(f"{name} did not get there within {timeout:.0f} s; last view {view}")
+    raise LabError(f"{name} did not get there within {timeout:.0f} s; last view {view}\n{story(name)}")
 
 
 def power_off(name: str, timeout: float = 120) -> None:
