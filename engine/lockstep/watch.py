@@ -166,39 +166,29 @@ class Probe:
 
     def __init__(self, vm: colo.Vm, limit: float) -> None:
         self.vm, self.limit = vm, limit
-        self.task: asyncio.Task | None = None
-        self.asked = 0.0
-        self.error: str | None = None  # why the last one failed (not a slow answer: that is waited for)
-        self.again()
+        self.ask()
 
-    def again(self) -> None:
-        """Ask anew if the last one is answered (or failed); keep waiting for it otherwise."""
-        if self.task is not None and not self.task.done():
-            return
-        self.error = None
+    def ask(self) -> None:
         self.task = asyncio.ensure_future(self.vm.execute("query-status", timeout=2 * self.limit))
         self.asked = time.monotonic()
 
     @property
-    def failed(self) -> bool:
-        return self.error is not None
+    def waiting(self) -> float:
+        """How long the query in flight has waited for its answer."""
+        return time.monotonic() - self.asked
 
-    def unanswered_for(self) -> float | None:
-        """None when the query answered since it was asked (a new one is then asked); else how
-        long it has waited. A failed query (the QMP connection gone with its QEMU) sets error."""
-        assert self.task is not None
+    def check(self) -> str | None:
+        """None when the query was answered since the last check (the next one is then asked);
+        else what is wrong: it failed (the QMP connection gone with its QEMU; asked again), or
+        it is still unanswered."""
         if not self.task.done():
-            return time.monotonic() - self.asked
+            return f"no in-band answer for {self.waiting:.2f} s"
         e = None if self.task.cancelled() else self.task.exception()
-        if e is not None:
-            self.error = f"query-status failed: {type(e).__name__}"
-            return None
-        self.again()
-        return None
+        self.ask()
+        return None if e is None else f"query-status failed: {type(e).__name__}"
 
     def close(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
+        self.task.cancel()
 
 
 class Watcher:
@@ -272,28 +262,25 @@ class Watcher:
         hello = {"pair": cfg.pair, "generation": cfg.generation, "role": cfg.role}
         self.log("watching", **hello, peer=f"{cfg.peer[0]}:{cfg.peer[1]}", timeout=cfg.timeout)
         announced = False
-        busy_since: float | None = None
+        busy = False  # own QEMU's main loop is blocked (it answers only out of band)
         vm_net_down_since: float | None = None
         handing_over = False  # the primary has gone quiet so that the secondary takes over
         probe = Probe(self.vm, cfg.busy_limit)
         try:
             while True:
                 await asyncio.sleep(cfg.interval)
-                blocked_for = probe.unanswered_for()
-                if blocked_for is not None or probe.failed:
-                    why = probe.error or f"no in-band answer for {blocked_for:.2f} s"
-                    if not await self.answers_out_of_band():
+                if (why := probe.check()) is not None:
+                    if not await self.answers(probe):
                         detail = f"own QEMU did not answer ({why}, nor out of band within {cfg.timeout} s)"
                         return self.fence(Reason.PARTIAL_HARDWARE_FAILURE, detail)
-                    if blocked_for is not None and blocked_for > cfg.busy_limit:
+                    if probe.waiting > cfg.busy_limit:
                         return self.fence(Reason.PARTIAL_HARDWARE_FAILURE,
                                           f"own QEMU's main loop blocked for {cfg.busy_limit} s")  # fmt: skip
-                    if blocked_for is not None and blocked_for > cfg.timeout and busy_since is None:
-                        busy_since = time.monotonic() - blocked_for  # on a peer gone mid-checkpoint?
+                    if probe.waiting > cfg.timeout and not busy:  # alive: on a peer gone mid-checkpoint?
+                        busy = True
                         self.log("own-busy", detail=f"{why}, but it answers out of band")
-                    probe.again()
                 else:
-                    busy_since = None
+                    busy = False
                 now = time.monotonic()
                 vm_net = carrier(cfg.vm_uplink)
                 vm_net_down_since = None if vm_net is not False else (vm_net_down_since or now)
@@ -332,7 +319,7 @@ class Watcher:
                     if time.monotonic() - beats.last < cfg.timeout:
                         self.log("peer-back")
                         continue
-                if busy_since is not None and not await self.unblock():
+                if busy and not await self.unblock():
                     return self.fence(
                         Reason.PARTIAL_HARDWARE_FAILURE, "own QEMU stayed blocked after its peer went"
                     )
@@ -343,15 +330,22 @@ class Watcher:
             self.vm.qmp.remove_listener(disk_errors)
             transport.close()
 
-    async def answers_out_of_band(self) -> bool:
-        """Whether this side's QEMU process runs at all: an out-of-band command is answered by
-        its monitor thread even while the main loop is blocked (a checkpoint stuck on a peer
-        that stopped mid-transfer holds QEMU's big lock); a stopped or dead QEMU answers nothing."""
+    async def answers(self, probe: Probe) -> bool:
+        """Whether this side's QEMU process runs at all: the in-band query in flight or an
+        out-of-band command, whichever answers first within the timeout. The out-of-band one is
+        answered by its monitor thread even while the main loop is blocked (a checkpoint stuck on
+        a peer that stopped mid-transfer holds QEMU's big lock); a stopped or dead QEMU answers
+        nothing."""
+        oob = asyncio.ensure_future(self.vm.qmp.execute("yank", {"instances": []}, oob=True))
+        pending, deadline = {oob, probe.task}, time.monotonic() + self.cfg.timeout
         try:
-            await asyncio.wait_for(self.vm.qmp.execute("yank", {"instances": []}, oob=True), self.cfg.timeout)
-        except Exception:
+            while pending and (left := deadline - time.monotonic()) > 0:
+                done, pending = await asyncio.wait(pending, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                if any(not t.cancelled() and t.exception() is None for t in done):
+                    return True
             return False
-        return True
+        finally:
+            oob.cancel()
 
     async def unblock(self) -> bool:
         """The peer is gone and this QEMU's main loop is blocked on it: break its connection to

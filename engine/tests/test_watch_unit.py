@@ -694,7 +694,7 @@ def test_a_secondary_blocked_while_its_primary_lives_fences_and_the_primary_runs
             await start_both(sides)
             s.fake.hang.add("query-status")
             await asyncio.wait_for(asyncio.gather(p.task, s.task), 20)
-            assert (verdict(p).outcome, verdict(s).outcome) == ("live", "fenced")
+            assert (verdict(p).outcome, verdict(s).outcome) == ("live", "fenced"), (p.events(), s.events())
             assert s.fenced and not p.fenced
 
     asyncio.run(main())
