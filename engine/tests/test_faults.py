@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -21,6 +20,7 @@ import pytest
 from ftlab import audit, engine, faults
 from ftlab import topology as t
 from ftlab.colopair import set_links
+from ftlab.engine import events
 from ftlab.guest import StreamFollower, client_run
 from ftlab.proc import LabError, wait_for
 from lockstep import qmp
@@ -44,11 +44,6 @@ def cluster(lab):
 def daemon_pid(index: int) -> int:
     (pid,) = engine.processes(index, " daemon --config")
     return pid
-
-
-def events(index: int) -> list[dict]:
-    path = t.host(index).dir / "events.log"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def await_event(index: int, ready, timeout: float = 120) -> dict:

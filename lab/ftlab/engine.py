@@ -101,21 +101,23 @@ def ok(index: int, method: str, path: str, body=None) -> dict:
     return answer
 
 
-STORY = ("transition", "verdict", "dropped", "protecting", "secondary_started", "claimed")
+def events(index: int) -> list[dict]:
+    """The events lockstepd on a lab host has written (events.log), oldest first."""
+    path = t.host(index).dir / "events.log"
+    found = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        with contextlib.suppress(ValueError):  # a line being written
+            found.append(json.loads(line))
+    return found
+
+
+STORY_EVENTS = ("transition", "verdict", "dropped", "protecting", "secondary_started", "claimed")
 
 
 def story(name: str, last: int = 16) -> str:
-    """What the daemons recorded of a pair, in time order: its last transitions, verdicts and
-    drops on every host (for an error's message: a lab's logs are gone once it is down)."""
-    seen = []
-    for i in (1, 2, 3):
-        path = t.host(i).dir / "events.log"
-        lines = path.read_text().splitlines() if path.exists() else []
-        for raw in lines:
-            with contextlib.suppress(ValueError):  # a line being written
-                e = json.loads(raw)
-                if e.get("vm") == name and e.get("event") in STORY:
-                    seen.append(e)
+    """What the daemons recorded of a pair, in time order: its last transitions, verdicts, drops
+    and claims on every host (for an error's message: a lab's logs are gone once it is down)."""
+    seen = [e for i in (1, 2, 3) for e in events(i) if e.get("vm") == name and e.get("event") in STORY_EVENTS]
     seen.sort(key=lambda e: e["at"])
     keep = ("action", "old", "new", "reason", "generation", "outcome", "why", "step", "won", "holder")
 
